@@ -1,0 +1,57 @@
+"""The on-disk shard format shared by the builder (writer) and the loader/item store (readers).
+
+A shard folder holds:
+    manifest.json                counts, options, shard lists (written last)
+    user_ids.json, item_ids.json index -> raw id (the id maps)
+    items/items-NNNNNN.tar       one sample per item: KEY.json, KEY.txt, KEY.<jpg|png|...>
+    items/index.npz              byte offsets of each item's image and text inside the item shards
+    SPLIT/SPLIT-NNNNNN.tar       SPLIT in train, valid, test, cold: one sample per interaction
+    seen.npz                     each user's training items (CSR), excluded when ranking
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT_VERSION = "mmscale-shards/1"
+SPLITS = ("train", "valid", "test", "cold")
+IMAGE_KEYS = ("jpg", "png", "webp", "gif", "bmp")
+# uint8 codes for image extensions in the item index; 0 means "no image"
+IMAGE_EXT_CODES = {ext: code for code, ext in enumerate(IMAGE_KEYS, start=1)}
+MANIFEST = "manifest.json"
+
+
+class ShardFormatError(ValueError):
+    """A shard folder that is missing, incomplete or of another format version."""
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """Reads and checks a shard folder's manifest, naming what is wrong."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / MANIFEST
+    if not shard_dir.is_dir():
+        raise ShardFormatError(f"shard folder {shard_dir} does not exist (build it with tools/build_shards.py)")
+    if not path.is_file():
+        raise ShardFormatError(f"{path} is missing: {shard_dir} is not a finished shard folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
+    for split, shards in manifest["shards"].items():
+        for shard in shards:
+            if not (shard_dir / shard["path"]).is_file():
+                raise ShardFormatError(f"{path}: {split} shard {shard['path']} is listed but missing")
+    return manifest
+
+
+def shard_paths(shard_dir: str | Path, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["shards"]:
+        raise ShardFormatError(f"{shard_dir}: no '{split}' split (has {sorted(manifest['shards'])})")
+    return [str(Path(shard_dir) / s["path"]) for s in manifest["shards"][split]]
+
+
+def split_size(manifest: dict, split: str) -> int:
+    return sum(s["samples"] for s in manifest["shards"].get(split, []))

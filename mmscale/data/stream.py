@@ -1,0 +1,237 @@
+"""The WebDataset stream: shards -> per-(rank, worker) samples -> shuffled raw batches -> Batch.
+
+Order of stages and why:
+  1. shard selection for this rank and worker (explicit rank/world, so tests can simulate many);
+  2. tar -> raw samples (bytes only, nothing decoded yet);
+  3. seeded shuffle buffer: the order is a function of (seed, epoch, rank, worker) alone;
+  4. batching raw samples, then skipping batches already consumed (resume is cheap: no decode);
+  5. decoding each *unique* item of a batch once (targets from the sample, history items from
+     the item store), transforming images and tokenising texts.
+
+Two modes:
+  * resampled (training): each worker draws shards with replacement and yields a fixed number
+    of whole batches, so every rank gets the same count even when shards don't divide evenly.
+    An epoch is floor(samples / (world * batch)) batches per rank, from the manifest.
+  * exact (evaluation): shards are dealt round-robin to (rank, worker); every sample is seen once;
+    the last batch of a worker may be partial.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, fields
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .format import IMAGE_KEYS, load_manifest, shard_paths, split_size
+from .item_store import ItemStore
+from .preprocess import ItemPreprocess
+
+PAD = -1  # history padding and "no slot"
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Items are referenced by slot in `item_ids`, decoded once each."""
+
+    users: torch.Tensor  # [B] user index
+    targets: torch.Tensor  # [B] item index
+    history: torch.Tensor  # [B, L] item index, left-padded with PAD (most recent last)
+    item_ids: torch.Tensor  # [U] the batch's unique items with content
+    target_slots: torch.Tensor  # [B] slot of each target in item_ids
+    history_slots: torch.Tensor  # [B, L] slot of each history item, PAD where none/no content
+    images: torch.Tensor  # [U, 3, H, W]
+    has_image: torch.Tensor  # [U] bool; False rows of `images` are zeros
+    text_tokens: torch.Tensor  # [U, T]
+    corrupt_samples: torch.Tensor  # [] samples this worker skipped as corrupt since its last batch
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def worker_batch_counts(batches: int, num_workers: int) -> list[int]:
+    """How many of `batches` each worker yields when a DataLoader takes them round-robin."""
+    return [batches // num_workers + (1 if w < batches % num_workers else 0) for w in range(num_workers)]
+
+
+class InteractionStream(IterableDataset):
+    """Yields `Batch`es of one split for one rank; give it to `make_loader` or iterate directly."""
+
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        split: str,
+        batch_size: int,
+        preprocess: ItemPreprocess,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        history_content: bool = True,
+    ):
+        self.shard_dir = Path(shard_dir)
+        self.manifest = load_manifest(self.shard_dir)
+        self.split, self.batch_size, self.preprocess = split, batch_size, preprocess
+        self.rank, self.world_size = rank, world_size
+        self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
+        self.history_content = history_content
+        self.urls = shard_paths(self.shard_dir, self.manifest, split)
+        self.max_history = self.manifest["max_history"]
+        self.store = ItemStore(self.shard_dir, self.manifest)
+        self.epoch, self.start_batch = 0, 0
+        self._corrupt = 0
+        if resampled and self.batches_per_rank() == 0:
+            raise ValueError(
+                f"{self.shard_dir}: split '{split}' has {split_size(self.manifest, split)} samples, "
+                f"fewer than one global batch ({world_size} ranks x {batch_size})"
+            )
+
+    # -- epoch accounting ------------------------------------------------------------------
+    def batches_per_rank(self) -> int:
+        """Resampled mode: whole batches each rank yields per epoch (the same on every rank)."""
+        return split_size(self.manifest, self.split) // (self.world_size * self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Where the next iteration starts: `start_batch` batches of `epoch` are already consumed."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    # -- stages -----------------------------------------------------------------------------
+    def _rng(self, *parts) -> random.Random:
+        # A string seed is hashed with SHA-512: the same in every process, unlike hash().
+        return random.Random("-".join(str(p) for p in (self.seed, self.epoch, *parts)))
+
+    def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
+        if self.resampled:
+            rng = self._rng("shards", self.rank, worker)
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        urls = list(self.urls)
+        self._rng("shards").shuffle(urls)  # the same permutation on every rank
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        yield from ({"url": u} for u in urls[slot::slots])
+
+    def _count_corrupt(self, exn: Exception) -> bool:
+        self._corrupt += 1
+        return True  # continue with the next sample/shard
+
+    def raw_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[dict]]:
+        """Undecoded batches for one (logical) worker of this rank."""
+        pipeline = wds.DataPipeline(
+            lambda: self._shards(worker, num_workers),
+            wds.tarfile_to_samples(handler=self._count_corrupt),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=self._rng("samples", self.rank, worker))
+            if self.shuffle_buffer > 1
+            else (lambda src: src),
+            wds.batched(self.batch_size, collation_fn=list, partial=not self.resampled),
+        )
+        batches = iter(pipeline)
+        if self.resampled:
+            batches = islice(batches, worker_batch_counts(self.batches_per_rank(), num_workers)[worker])
+        return batches
+
+    def batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
+        """Decoded batches of one logical worker, after skipping those consumed before a resume."""
+        skip = worker_batch_counts(self.start_batch, num_workers)[worker] if self.resampled else 0
+        for raw in islice(self.raw_batches(worker, num_workers), skip, None):
+            batch = self.decode(raw)
+            if batch is not None:
+                yield batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # On resume the DataLoader still asks worker 0 first; rotating the roles makes the
+        # physical worker 0 play the worker that owns batch `start_batch`, keeping the order.
+        logical = (worker + self.start_batch) % num_workers if self.resampled else worker
+        return self.batches(logical, num_workers)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _decode_image(self, data: bytes) -> torch.Tensor | None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return self.preprocess.image_transform(img.convert("RGB"))
+        except Exception:  # a corrupt image costs its item the image, never the run
+            self._corrupt += 1
+            return None
+
+    def decode(self, raw: list[dict]) -> Batch | None:
+        headers, slots = [], {}
+        contents: list[tuple[tuple[bytes, str] | None, str]] = []
+
+        def slot_of(item: int, sample: dict | None) -> int:
+            if item not in slots:
+                slots[item] = len(contents)
+                if sample is not None and "txt" in sample:
+                    ext = next((k for k in IMAGE_KEYS if k in sample), None)
+                    contents.append(((sample[ext], ext) if ext else None, sample["txt"].decode()))
+                else:
+                    contents.append((self.store.image(item), self.store.text(item)))
+            return slots[item]
+
+        for sample in raw:
+            try:
+                header = json.loads(sample["json"])
+                target = int(header["target"])
+                history = [int(i) for i in header["history"]][-self.max_history :]
+                headers.append((int(header["user"]), target, history, slot_of(target, sample)))
+            except Exception:
+                self._corrupt += 1
+        if not headers:
+            return None
+        b, length = len(headers), self.max_history
+        history = torch.full((b, length), PAD, dtype=torch.long)
+        history_slots = torch.full((b, length), PAD, dtype=torch.long)
+        for row, (_, _, items, _) in enumerate(headers):
+            if items:
+                history[row, length - len(items) :] = torch.tensor(items)
+                if self.history_content:
+                    history_slots[row, length - len(items) :] = torch.tensor([slot_of(i, None) for i in items])
+
+        size = self.preprocess.image_size
+        images = torch.zeros(len(contents), 3, size, size)
+        has_image = torch.zeros(len(contents), dtype=torch.bool)
+        for slot, (image, _) in enumerate(contents):
+            pixels = self._decode_image(image[0]) if image is not None else None
+            if pixels is not None:
+                images[slot], has_image[slot] = pixels, True
+        corrupt, self._corrupt = self._corrupt, 0
+        return Batch(
+            users=torch.tensor([h[0] for h in headers]),
+            targets=torch.tensor([h[1] for h in headers]),
+            history=history,
+            item_ids=torch.tensor(list(slots)),
+            target_slots=torch.tensor([h[3] for h in headers]),
+            history_slots=history_slots,
+            images=images,
+            has_image=has_image,
+            text_tokens=self.preprocess.tokenize([text for _, text in contents]),
+            corrupt_samples=torch.tensor(corrupt),
+        )
+
+
+def make_loader(stream: InteractionStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over the stream: batches are made in the workers, so batch_size=None."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # each epoch re-forks workers with the new epoch/start_batch
+        prefetch_factor=4 if num_workers else None,
+    )
