@@ -84,13 +84,15 @@ class InteractionStream(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         history_content: bool = True,
+        content: bool = True,
     ):
         self.shard_dir = Path(shard_dir)
         self.manifest = load_manifest(self.shard_dir)
         self.split, self.batch_size, self.preprocess = split, batch_size, preprocess
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
-        self.history_content = history_content
+        self.history_content = history_content and content
+        self.content = content  # False: ids only, nothing decoded (evaluation, cached features)
         self.urls = shard_paths(self.shard_dir, self.manifest, split)
         self.max_history = self.manifest["max_history"]
         self.store = ItemStore(self.shard_dir, self.manifest)
@@ -170,18 +172,22 @@ class InteractionStream(IterableDataset):
             self._corrupt += 1
             return None
 
+    def _content(self, item: int, sample: dict | None) -> tuple[tuple[bytes, str] | None, str]:
+        """(image bytes and extension or None, text): from the sample when it carries them, else the store."""
+        if sample is not None and "txt" in sample:
+            ext = next((k for k in IMAGE_KEYS if k in sample), None)
+            return ((sample[ext], ext) if ext else None), sample["txt"].decode()
+        return self.store.image(item), self.store.text(item)
+
     def decode(self, raw: list[dict]) -> Batch | None:
         headers, slots = [], {}
         contents: list[tuple[tuple[bytes, str] | None, str]] = []
 
         def slot_of(item: int, sample: dict | None) -> int:
             if item not in slots:
-                slots[item] = len(contents)
-                if sample is not None and "txt" in sample:
-                    ext = next((k for k in IMAGE_KEYS if k in sample), None)
-                    contents.append(((sample[ext], ext) if ext else None, sample["txt"].decode()))
-                else:
-                    contents.append((self.store.image(item), self.store.text(item)))
+                slots[item] = len(slots)
+                if self.content:
+                    contents.append(self._content(item, sample))
             return slots[item]
 
         for sample in raw:
@@ -203,13 +209,14 @@ class InteractionStream(IterableDataset):
                 if self.history_content:
                     history_slots[row, length - len(items) :] = torch.tensor([slot_of(i, None) for i in items])
 
-        size = self.preprocess.image_size
+        size = self.preprocess.image_size if self.content else 0
         images = torch.zeros(len(contents), 3, size, size)
         has_image = torch.zeros(len(contents), dtype=torch.bool)
         for slot, (image, _) in enumerate(contents):
             pixels = self._decode_image(image[0]) if image is not None else None
             if pixels is not None:
                 images[slot], has_image[slot] = pixels, True
+        texts = [text for _, text in contents]
         corrupt, self._corrupt = self._corrupt, 0
         return Batch(
             users=torch.tensor([h[0] for h in headers]),
@@ -220,7 +227,7 @@ class InteractionStream(IterableDataset):
             history_slots=history_slots,
             images=images,
             has_image=has_image,
-            text_tokens=self.preprocess.tokenize([text for _, text in contents]),
+            text_tokens=self.preprocess.tokenize(texts) if self.content else torch.zeros(0, 0, dtype=torch.long),
             corrupt_samples=torch.tensor(corrupt),
         )
 

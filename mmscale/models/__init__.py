@@ -1,1 +1,24 @@
-"""Item encoders (CLIP, VLMo) behind one interface, item/user towers and sequence encoders."""
+"""Item encoders (CLIP, VLMo) behind one interface, and the item/user towers."""
+
+from __future__ import annotations
+
+from ..config import EncoderConfig
+from ..data.preprocess import ItemPreprocess
+from .encoder import ItemEncoder
+
+
+def build_encoder(config: EncoderConfig) -> ItemEncoder:
+    if config.kind == "clip":
+        from .clip import CLIPEncoder
+
+        return CLIPEncoder(config.model, config.pretrained, config.grad_checkpointing)
+    raise ValueError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")
+
+
+def build_preprocess(config: EncoderConfig) -> ItemPreprocess:
+    """The transform and tokenizer of an encoder, without building its weights (for data workers)."""
+    if config.kind == "clip":
+        from .clip import clip_preprocess
+
+        return clip_preprocess(config.model)
+    raise ValueError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Train a multimodal encoder end-to-end with recommendation objectives.
+
+    deepspeed --num_gpus N launch/train.py --config CONFIG [--set key=value ...] [--resume latest]
+    deepspeed --hostfile launch/hostfile.example launch/train.py --config CONFIG
+    torchrun --nproc_per_node N launch/train.py --config CONFIG
+    accelerate launch --config_file launch/accelerate_deepspeed.yaml launch/train.py --config CONFIG
+    python launch/train.py --config CONFIG            (one process)
+
+Without CUDA, DeepSpeed's CPU accelerator and the gloo backend are selected automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mmscale.config import ConfigError, load_config
+from mmscale.data.format import ShardFormatError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file (sections as in mmscale/config.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set optim.lr_encoder=1e-5 (repeatable)")
+    p.add_argument("--resume", help="'latest' (the newest complete checkpoint of train.run_dir) or a checkpoint folder")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        from mmscale.engine.trainer import Trainer  # imports deepspeed: after the config is known to be good
+
+        trainer = Trainer(config, resume=args.resume)
+    except (ConfigError, ShardFormatError, FileNotFoundError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        print(json.dumps({"step": result["step"], "eval": result["eval"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

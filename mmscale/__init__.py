@@ -1,0 +1,1 @@
+"""mmscale: train multimodal encoders end-to-end with recommendation objectives."""

@@ -1,0 +1,230 @@
+"""The one typed configuration: dataclasses, loaded from a JSON/YAML file plus `--set a.b=value`.
+
+Every key is checked against the dataclasses; an unknown key or a value of the wrong type
+stops the run at start with the dotted path of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "build/world-shards"  # a folder written by tools/build_shards.py
+    batch_size: int = 32  # per rank, per micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    history_content: bool = False  # decode history items' images/text (else ids only)
+    seed: int = 0
+
+
+@dataclass
+class EncoderConfig:
+    kind: str = "clip"  # which item encoder (see mmscale.models.build_encoder)
+    model: str = "ViT-B-32"  # open_clip model name, or a path to an architecture JSON
+    pretrained: str | None = None  # local checkpoint path; nothing is downloaded
+    grad_checkpointing: bool = False
+    paradigm: str = "end_to_end"  # end_to_end | frozen (features cached once)
+
+
+@dataclass
+class RecommenderConfig:
+    embed_dim: int = 128  # width of the item and user towers' output
+    item_id_embedding: bool = True  # add a learned id vector to each item's content embedding
+    user_id_embedding: bool = True
+    history_pooling: str = "mean"  # mean | none: pool the history items' tower embeddings into the user
+
+
+@dataclass
+class ObjectiveConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"rec": 1.0, "itc": 0.1})
+    rec_loss: str = "softmax"  # softmax (in-batch sampled softmax) | bpr
+    rec_temperature: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr_encoder: float = 1e-5
+    lr_recommender: float = 1e-3
+    lr_scaling_batch: int = 0  # if > 0: learning rates scale by global_batch / this (linear rule)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    deepspeed_config: str = "ds_configs/zero2.json"
+    epochs: float = 1.0  # fractional epochs allowed
+    max_steps: int = 0  # if > 0, overrides epochs
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0: only at the end
+    save_every: int = 0  # steps; 0: only at the end
+    keep_last: int = 2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    collective_timeout_s: float = 600.0  # a lost rank fails the others after this, instead of a hang
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20, 50)
+    splits: tuple[str, ...] = ("valid", "test", "cold")
+    batch_size: int = 256
+    exclude_seen: bool = True  # drop each user's training items from the ranking
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, hint, path: str):
+    """Converts a parsed value to the field's annotated type, or raises naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a section (mapping), got {value!r}")
+        return _build(hint, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item_types = args if args and args[-1] is not Ellipsis else [args[0]] * len(value)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{path}: expected {len(item_types)} values, got {len(value)}")
+        return tuple(_coerce(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls, values: dict, path: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"unknown config key '{where}' (known in this section: {sorted(names)})")
+    defaults = cls()
+    kwargs = {}
+    for name in names:
+        where = f"{path}.{name}" if path else name
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], where)
+        else:
+            kwargs[name] = getattr(defaults, name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: dict = {}
+    out = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- file (JSON or YAML) <- `--set` overrides, validated as a whole."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: cannot parse ({e})") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that each value is allowed, naming the key."""
+    choices = {
+        "encoder.paradigm": (config.encoder.paradigm, ("end_to_end", "frozen")),
+        "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
+        "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
+        "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "optim.grad_accum": config.optim.grad_accum,
+        "recommender.embed_dim": config.recommender.embed_dim,
+        "train.keep_last": config.train.keep_last,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not config.recommender.user_id_embedding and config.recommender.history_pooling == "none":
+        raise ConfigError("recommender: user_id_embedding=false with history_pooling=none leaves the user tower empty")
+    if config.objectives.rec_temperature <= 0:
+        raise ConfigError("objectives.rec_temperature: must be positive")
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2))

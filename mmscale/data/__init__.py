@@ -1,0 +1,1 @@
+"""Data: raw readers, shard builder, item store, WebDataset stream, the generated default world."""

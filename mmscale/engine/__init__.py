@@ -1,0 +1,1 @@
+"""The only package that imports deepspeed or talks to ranks: setup, gathers, train loop, checkpoints."""

@@ -1,0 +1,52 @@
+"""DeepSpeed config = engine settings from ds_configs/*.json + what the mmscale config decides.
+
+The JSON holds ZeRO stage, buckets and offload only. Batch sizes, clipping and precision
+come from the mmscale config and are injected; a JSON that says otherwise is an error.
+The optimizer and scheduler are built by mmscale (separate learning rates per part).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Config, ConfigError
+
+
+def build_deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
+    path = Path(config.train.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({e})") from e
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"{path}: '{section}' is set by the mmscale config (optim.*); remove it from the DeepSpeed config")
+    injected = {
+        "train_micro_batch_size_per_gpu": (config.data.batch_size, "data.batch_size"),
+        "gradient_accumulation_steps": (config.optim.grad_accum, "optim.grad_accum"),
+        "train_batch_size": (config.data.batch_size * config.optim.grad_accum * world_size, "data.batch_size x optim.grad_accum x ranks"),
+        "gradient_clipping": (config.optim.grad_clip, "optim.grad_clip"),
+    }
+    for key, (value, source) in injected.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"{path}: {key}={ds[key]} contradicts the mmscale config ({source} gives {value})")
+        ds[key] = value
+    for key, wanted in (("bf16", bf16), ("fp16", False)):
+        enabled = ds.get(key, {}).get("enabled", wanted)
+        if enabled not in (wanted, "auto"):
+            raise ConfigError(f"{path}: {key}.enabled={enabled} contradicts train.precision ({'bf16' if bf16 else 'fp32'} here)")
+        ds[key] = {**ds.get(key, {}), "enabled": wanted}
+    ds.setdefault("steps_per_print", 10**9)  # mmscale logs; DeepSpeed's own prints stay quiet
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")

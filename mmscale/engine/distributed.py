@@ -1,0 +1,85 @@
+"""Process-group setup and the collectives the rest of mmscale is handed as plain functions.
+
+Without CUDA, DeepSpeed's CPU accelerator and gloo are chosen here, before deepspeed is
+first imported, so `python launch/train.py` and `deepspeed --num_gpus 2 ...` both work on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (after the accelerator choice)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Joins (or, for a plain `python` run, creates) the process group; sets threads per rank."""
+    if "RANK" not in os.environ:  # one process, no launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Oversubscribed torch threads make CPU ranks several times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0, with gradient when x needs one (backward sums across ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        return torch.cat(dist_fn.all_gather(x), dim=0)
+    if x.dtype == torch.bool:  # gloo has no bool collectives
+        return gather(x.to(torch.uint8)).bool()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

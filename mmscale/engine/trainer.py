@@ -1,0 +1,278 @@
+"""The training engine: one DeepSpeed ZeRO loop for any task (encoder + objectives).
+
+    Trainer(config).fit()
+
+The loop only knows `task(batch, gather) -> {name: loss}`, `task.loss_weights` and
+`task.parameter_groups()`. Host synchronisation happens at logging intervals only: losses
+are accumulated on the device and reduced across ranks every `train.log_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, dump_config
+from ..data.format import load_manifest
+from ..data.item_store import ItemStore
+from ..data.stream import Batch, InteractionStream, make_loader
+from ..eval.evaluate import Collectives, encode_catalogue, evaluate
+from ..models import build_preprocess
+from ..task import RecommendationTask
+from . import checkpoint
+from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
+from .distributed import all_reduce_sum, barrier, deepspeed, gather, init_distributed
+from .monitor import Monitor
+
+
+def _git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: str | None = None, log=print):
+        self.config = config
+        self.dist = init_distributed(config.train.collective_timeout_s)
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.run_dir = Path(config.train.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+
+        manifest = load_manifest(config.data.shards)  # a missing or stale shard folder stops here
+        self.shard_dir = Path(config.data.shards)
+        self.preprocess = build_preprocess(config.encoder)
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        task = RecommendationTask(config, manifest["num_users"], manifest["num_items"])
+        self._check_shards_match(manifest, task)
+
+        cuda = self.dist.device.type == "cuda"
+        self.bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
+        ds_config = build_deepspeed_config(config, self.dist.world_size, self.bf16)
+        self.global_batch = config.data.batch_size * config.optim.grad_accum * self.dist.world_size
+        scale = self.global_batch / config.optim.lr_scaling_batch if config.optim.lr_scaling_batch > 0 else 1.0
+        self.lrs = {"encoder": config.optim.lr_encoder * scale, "recommender": config.optim.lr_recommender * scale}
+
+        self.stream = InteractionStream(
+            self.shard_dir, "train", config.data.batch_size, self.preprocess,
+            rank=self.dist.rank, world_size=self.dist.world_size, resampled=True,
+            shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed,
+            history_content=config.data.history_content, content=not task.frozen,
+        )
+        self.steps_per_epoch = self.stream.batches_per_rank() // config.optim.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size x optim.grad_accum x {self.dist.world_size} ranks exceeds the training split of {self.shard_dir}")
+        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.steps_per_epoch))
+
+        optimizer = self._optimizer(task, ds_config)
+        schedule = warmup_cosine(config.optim.warmup_steps, self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=task, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.task: RecommendationTask = self.engine.module
+        self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum)
+
+        self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
+        self.resumed_from = None
+        found = checkpoint.resolve_resume(resume, self.run_dir)
+        if found is not None:
+            self._load(*found)
+        elif resume == "latest":
+            self.log(f"--resume latest: no complete checkpoint in {self.checkpoint_dir}; starting from scratch")
+        if task.frozen:
+            self.refresh_content_cache()
+        self._record_run(ds_config, manifest)
+        self.monitor = Monitor(self.run_dir, self.dist.is_main)
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _check_shards_match(self, manifest: dict, task: RecommendationTask) -> None:
+        """A run resumed on other shards would silently mix up ids: compare with the run's record."""
+        info = self.run_dir / "run_info.json"
+        if info.is_file():
+            before = json.loads(info.read_text()).get("data", {})
+            now = {"num_users": manifest["num_users"], "num_items": manifest["num_items"]}
+            for key, value in now.items():
+                if key in before and before[key] != value:
+                    raise ConfigError(
+                        f"data.shards: {self.shard_dir} has {key}={value} but run {self.run_dir} was trained with {before[key]}"
+                    )
+
+    def _optimizer(self, task: RecommendationTask, ds_config: dict) -> torch.optim.Optimizer:
+        groups = []
+        for name, params in task.parameter_groups().items():
+            part, decay = name.split("/")
+            groups.append({
+                "params": [p for _, p in params], "name": name, "lr": self.lrs[part],
+                "weight_decay": self.config.optim.weight_decay if decay == "decay" else 0.0,
+            })
+        kwargs = dict(betas=self.config.optim.betas, eps=self.config.optim.eps)
+        if offloads_optimizer(ds_config):  # ZeRO-Offload steps on the host with DeepSpeed's CPU Adam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def _record_run(self, ds_config: dict, manifest: dict) -> None:
+        derived = {
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "learning_rates": self.lrs,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "zero_stage": zero_stage(ds_config),
+            "parameters": sum(p.numel() for p in self.task.parameters()) if zero_stage(ds_config) < 3 else "partitioned",
+        }
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.config, self.run_dir / "config.json")
+            info = {
+                "git_revision": _git_revision(), "derived": derived, "deepspeed": ds_config,
+                "data": {"shards": str(self.shard_dir), "num_users": manifest["num_users"], "num_items": manifest["num_items"]},
+            }
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+            self.log(json.dumps({"config": self.config.to_dict(), "git_revision": info["git_revision"], **derived}, indent=2))
+        barrier()
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _stream_batches(self) -> Iterator[Batch]:
+        """Training batches forever, tracking (epoch, batch within epoch) for exact resume."""
+        while True:
+            self.stream.set_epoch(self.epoch, self.batch_in_epoch)
+            for batch in make_loader(self.stream, self.config.data.num_workers, pin_memory=self.dist.device.type == "cuda"):
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    @torch.no_grad()
+    def refresh_content_cache(self) -> None:
+        """Frozen paradigm: encode every item once (in parallel across ranks) and cache it in the task."""
+        store = ItemStore(self.shard_dir)
+        content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
+                                   self.config.eval.batch_size, self.config.data.num_workers)
+        self.task.set_content_cache(*content)
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Batch] | None = None) -> dict:
+        """Trains to `total_steps`; returns the last logged scalars and evaluation results.
+
+        `batches` replaces the shard stream (tests feed identical global batches this way).
+        """
+        cfg = self.config.train
+        source = iter(batches) if batches is not None else self._stream_batches()
+        names = sorted(self.task.loss_weights)
+        weights = self.task.loss_weights
+        running = torch.zeros(len(names) + 1, device=self.dist.device)  # per-loss sums and the total
+        micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+        last: dict = {}
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
+        self.engine.train()
+        while self.step < self.total_steps:
+            wait_start = time.perf_counter()
+            try:
+                batch = next(source)
+            except StopIteration:
+                break
+            data_wait += time.perf_counter() - wait_start
+            items_encoded += len(batch.item_ids)
+            losses = self.engine(batch.to(self.dist.device), gather)
+            total = sum(weights[n] * losses[n] for n in names)
+            self.engine.backward(total)
+            self.engine.step()
+            running += torch.stack([losses[n].detach().float() for n in names] + [total.detach().float()])
+            micro += 1
+            if not self.engine.is_gradient_accumulation_boundary() and micro % self.config.optim.grad_accum:
+                continue
+            self.step += 1
+            self.samples_seen += self.global_batch
+            progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                last = self._log_scalars(names, running / micro, micro, items_encoded, data_wait, elapsed)
+                progress.set_postfix(loss=f"{last['loss/total']:.4f}")
+                running.zero_()
+                micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                self.run_evaluation()
+        progress.close()
+        self.save()
+        results = self.run_evaluation() if self.config.eval.splits else {}
+        self.monitor.close()
+        return {"scalars": last, "eval": results, "step": self.step}
+
+    def _log_scalars(self, names, mean_losses, micro, items_encoded, data_wait, elapsed) -> dict:
+        """The one host synchronisation of a logging window: reduce across ranks, then log."""
+        counts = torch.tensor([items_encoded, data_wait, elapsed], dtype=torch.float64)
+        reduced = all_reduce_sum(torch.cat([mean_losses.double().cpu(), counts]))
+        world = self.dist.world_size
+        values = (reduced[: len(names) + 1] / world).tolist()
+        scalars = {f"loss/{n}": v for n, v in zip(names + ["total"], values)}
+        items, wait, secs = reduced[len(names) + 1 :].tolist()
+        steps = micro / self.config.optim.grad_accum
+        scalars.update({
+            "perf/samples_per_s": steps * self.global_batch / (secs / world),
+            "perf/items_encoded_per_s": items / (secs / world),
+            "perf/data_wait_fraction": wait / secs,
+            **{f"lr/{g['name'].split('/')[0]}": g["lr"] for g in self.optimizer.param_groups},
+        })
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["grad_norm"] = float(grad_norm)
+        if self.dist.device.type == "cuda":
+            scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.monitor.log(self.step, scalars)
+        return scalars
+
+    # -- checkpoints and evaluation -------------------------------------------------------------------
+    def save(self) -> Path:
+        tag = checkpoint.tag_for(self.step)
+        client = {
+            "step": self.step, "samples_seen": self.samples_seen,
+            "data": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+            "config": self.config.to_dict(),
+        }
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client, save_latest=False)
+        barrier()  # every rank's shards are on disk before the tag is marked complete
+        if self.dist.is_main:
+            checkpoint.mark_complete(self.checkpoint_dir, tag, self.config.train.keep_last)
+        barrier()
+        return self.checkpoint_dir / tag
+
+    def _load(self, checkpoint_dir: Path, tag: str) -> None:
+        _, client = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.epoch, self.batch_in_epoch = client["data"]["epoch"], client["data"]["batch"]
+        self.resumed_from = checkpoint_dir / tag
+        self.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def run_evaluation(self) -> dict:
+        results = evaluate(self.task, self.shard_dir, self.config.eval, self.preprocess, self.collectives,
+                           self.dist.device, self.config.data.num_workers)
+        flat = {f"eval/{split}/{name}": value for split, metrics in results.items() for name, value in metrics.items()}
+        self.monitor.log(self.step, flat)
+        self.log(json.dumps({"step": self.step, "eval": results}))
+        return results

@@ -1,0 +1,124 @@
+"""Encode the catalogue across ranks, embed held-out users, rank every item, sum the metrics.
+
+Ranks are handled only through the `Collectives` the engine passes in. Every rank runs
+the same number of forward calls (items and samples are padded to equal shares), which
+ZeRO-3's parameter gathering requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import EvalConfig
+from ..data.catalogue import catalogue_loader
+from ..data.item_store import ItemStore
+from ..data.preprocess import ItemPreprocess
+from ..data.stream import InteractionStream
+from .metrics import metric_sums, target_ranks
+
+
+@dataclass(frozen=True)
+class Collectives:
+    rank: int
+    world_size: int
+    gather: Callable[[torch.Tensor], torch.Tensor]  # all-gather along dim 0
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _share(n: int, coll: Collectives) -> tuple[list[int], int]:
+    """This rank's indices of range(n) and how many are real: padded (repeating the last) to equal length."""
+    mine = list(range(coll.rank, n, coll.world_size))
+    length = -(-n // coll.world_size)
+    return mine + [mine[-1] if mine else 0] * (length - len(mine)), len(mine)
+
+
+@torch.no_grad()
+def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int, num_workers: int):
+    """(image, text, has_image) of every item, [N, D], [N, D], [N], identical on every rank."""
+    n = len(store)
+    image = text = has_image = None
+    for part in catalogue_loader(store, preprocess, _share(n, coll)[0], batch_size, num_workers):
+        img, txt = task.encode_content(part["images"].to(device), part["text_tokens"].to(device))
+        ids = coll.gather(part["item_ids"].to(device))
+        if image is None:
+            image = torch.zeros(n, img.shape[1], device=device, dtype=img.dtype)
+            text = torch.zeros(n, txt.shape[1], device=device, dtype=txt.dtype)
+            has_image = torch.zeros(n, dtype=torch.bool, device=device)
+        image[ids], text[ids], has_image[ids] = coll.gather(img), coll.gather(txt), coll.gather(part["has_image"].to(device))
+    return image, text, has_image
+
+
+@torch.no_grad()
+def item_table(task, image, text, has_image, batch_size: int = 4096) -> torch.Tensor:
+    """Item tower embeddings of the whole catalogue."""
+    ids = torch.arange(len(image), device=image.device)
+    return torch.cat([
+        task.item_embeddings(image[s : s + batch_size], text[s : s + batch_size], has_image[s : s + batch_size], ids[s : s + batch_size])
+        for s in range(0, len(ids), batch_size)
+    ])
+
+
+def _seen_mask(users: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
+    starts, ends = indptr[users], indptr[users + 1]
+    counts = ends - starts
+    rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+    offsets = torch.arange(int(counts.sum()), device=users.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    mask = torch.zeros(len(users), num_items, dtype=torch.bool, device=users.device)
+    mask[rows, items[torch.repeat_interleave(starts, counts) + offsets]] = True
+    return mask
+
+
+@torch.no_grad()
+def evaluate(
+    task,
+    shard_dir: str | Path,
+    config: EvalConfig,
+    preprocess: ItemPreprocess,
+    coll: Collectives,
+    device,
+    num_workers: int = 0,
+) -> dict[str, dict[str, float]]:
+    """{split: {"recall@K": ..., "ndcg@K": ..., "samples": n}} over the configured splits."""
+    was_training = task.training
+    task.eval()
+    stream = InteractionStream(shard_dir, "valid", config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
+    store = ItemStore(shard_dir, stream.manifest)
+    image, text, has_image = encode_catalogue(task, store, preprocess, coll, device, config.batch_size, num_workers)
+    table = item_table(task, image, text, has_image)
+    seen = np.load(Path(shard_dir) / "seen.npz")
+    indptr, seen_items = torch.from_numpy(seen["indptr"]).to(device), torch.from_numpy(seen["items"]).to(device)
+
+    results = {}
+    for split in config.splits:
+        if split not in stream.manifest["shards"] or not stream.manifest["counts"]["samples"].get(split):
+            continue
+        # Held-out samples are ids only: every rank reads them all and takes an equal share.
+        split_stream = InteractionStream(shard_dir, split, config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
+        batches = list(split_stream.batches())
+        all_users = torch.cat([b.users for b in batches])
+        all_targets = torch.cat([b.targets for b in batches])
+        all_history = torch.cat([b.history for b in batches])
+        share, real = _share(len(all_users), coll)
+        share = torch.tensor(share)
+        weight = (torch.arange(len(share)) < real).to(torch.float64)  # padding repeats count zero
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, len(share), config.batch_size):
+            rows = share[start : start + config.batch_size]
+            users, targets, history = all_users[rows].to(device), all_targets[rows].to(device), all_history[rows].to(device)
+            hist = task.history_embeddings(history, table)
+            scores = task.user_embeddings(users, history, hist) @ table.T
+            excluded = _seen_mask(users, indptr, seen_items, len(table)) if config.exclude_seen else None
+            ranks = target_ranks(scores.float(), targets, excluded)
+            for name, value in metric_sums(ranks, config.ks, weight[start : start + len(rows)].to(device)).items():
+                sums[name] = sums.get(name, 0) + value
+        totals = coll.all_reduce_sum(torch.stack([sums[k] for k in sorted(sums)] + [weight.sum().to(device)]))
+        count = float(totals[-1])
+        results[split] = {k: float(v) / max(count, 1.0) for k, v in zip(sorted(sums), totals[:-1].tolist())}
+        results[split]["samples"] = int(count)
+    task.train(was_training)
+    return results

@@ -1,0 +1,27 @@
+"""Recommendation losses over a (gathered) batch of users and their target items."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import first_occurrence
+
+
+def sampled_softmax_loss(users: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch sampled softmax: row i's positive is item i; the batch's other distinct items are negatives.
+
+    users, items: [N, E] row-aligned; item_ids: [N]. A repeated item is one column (its first copy).
+    """
+    first, is_first = first_occurrence(item_ids)
+    logits = users @ items.T / temperature
+    logits = logits.masked_fill(~is_first.unsqueeze(0), torch.finfo(logits.dtype).min)
+    return F.cross_entropy(logits, first)
+
+
+def bpr_loss(users: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """BPR with the next row's target as the negative (skipped when it is the same item)."""
+    negatives, negative_ids = items.roll(1, dims=0), item_ids.roll(1, dims=0)
+    margin = (users * items).sum(-1) - (users * negatives).sum(-1)
+    valid = (negative_ids != item_ids).to(margin.dtype)
+    return -(F.logsigmoid(margin) * valid).sum() / valid.sum().clamp(min=1)

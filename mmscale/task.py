@@ -1,0 +1,118 @@
+"""The recommendation task: item encoder + towers + objectives -> named losses.
+
+The engine sees only `forward(batch, gather) -> {name: loss}`, `loss_weights` and
+`parameter_groups()`; it never branches on which encoder or objective runs. `gather` is
+the engine's all-gather with gradient (identity on one process): losses are computed over
+the gathered global batch, so they equal a single process's on the same global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data.stream import PAD, Batch
+from .models import build_encoder
+from .models.towers import ItemTower, UserTower
+from .objectives.contrastive import image_text_contrastive_loss
+from .objectives.recommender import bpr_loss, sampled_softmax_loss
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RecommendationTask(nn.Module):
+    def __init__(self, config: Config, num_users: int, num_items: int):
+        super().__init__()
+        self.config = config
+        rec, obj = config.recommender, config.objectives
+        self.encoder = build_encoder(config.encoder)
+        self.item_tower = ItemTower(self.encoder.embed_dim, rec.embed_dim, num_items, rec.item_id_embedding)
+        self.user_tower = UserTower(num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
+        self.loss_weights = {name: w for name, w in obj.weights.items() if w != 0}
+        self.history_content = config.data.history_content
+        self.frozen = config.encoder.paradigm == "frozen"
+        self.history_from_content = self.history_content or self.frozen
+        if self.frozen:
+            self.encoder.requires_grad_(False)
+        # Frozen paradigm: every item's (image, text, has_image) encoded once, filled by the engine.
+        self.register_buffer("content_cache", torch.empty(0), persistent=False)
+
+    # -- content ----------------------------------------------------------------------------------
+    def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(images, text_tokens)
+
+    def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
+        self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
+
+    def _cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cached = self.content_cache[item_ids]
+        d = self.encoder.embed_dim
+        return cached[..., :d], cached[..., d : 2 * d], cached[..., -1] > 0.5
+
+    def batch_content(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.frozen:
+            return self._cached_content(batch.item_ids)
+        image, text = self.encode_content(batch.images, batch.text_tokens)
+        return image, text, batch.has_image
+
+    # -- towers -----------------------------------------------------------------------------------
+    def item_embeddings(self, image, text, has_image, item_ids) -> torch.Tensor:
+        return self.item_tower(image, text, has_image, item_ids)
+
+    def user_embeddings(self, users: torch.Tensor, history: torch.Tensor, history_items: torch.Tensor) -> torch.Tensor:
+        """history [B, L] item ids (PAD = none); history_items [B, L, E] their embeddings."""
+        return self.user_tower(users, history_items, history != PAD)
+
+    def history_embeddings(self, history: torch.Tensor, content_items: torch.Tensor | None) -> torch.Tensor:
+        """History items through the full item tower when their content is at hand, else their ids alone.
+
+        content_items: item tower embeddings indexed by the values of `history` (batch slots in
+        training, item ids against the catalogue table in evaluation).
+        """
+        index = history.clamp(min=0)
+        if content_items is not None and self.history_from_content:
+            return content_items[index]
+        return self.item_tower.id_only(index)
+
+    # -- training ---------------------------------------------------------------------------------
+    def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
+        image, text, has_image = self.batch_content(batch)
+        items = self.item_embeddings(image, text, has_image, batch.item_ids)
+        if self.frozen:  # every item's content is cached: history items go through the full tower
+            ids = batch.history.clamp(min=0)
+            hist = self.item_embeddings(*self._cached_content(ids), ids)
+        else:
+            hist = self.history_embeddings(batch.history_slots if self.history_content else batch.history, items)
+        users = self.user_embeddings(batch.users, batch.history, hist)
+
+        targets = batch.target_slots
+        all_users, all_items, all_ids = gather(users), gather(items[targets]), gather(batch.targets)
+        losses = {}
+        if "rec" in self.loss_weights:
+            if self.config.objectives.rec_loss == "softmax":
+                losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature)
+            else:
+                losses["rec"] = bpr_loss(all_users, all_items, all_ids)
+        if "itc" in self.loss_weights:
+            losses["itc"] = image_text_contrastive_loss(
+                gather(image[targets]), gather(text[targets]), all_ids, gather(has_image[targets]), self.encoder.logit_scale
+            )
+        return losses
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters by (part, decay): the engine assigns learning rates and weight decay.
+
+        No weight decay for norms, biases, embeddings and the logit scale (all < 2-d or embeddings).
+        """
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = "encoder" if name.startswith("encoder.") else "recommender"
+            decay = param.dim() >= 2 and id(param) not in embeddings and "logit_scale" not in name
+            groups.setdefault(f"{part}/{'decay' if decay else 'no_decay'}", []).append((name, param))
+        return groups
