@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set optim.lr_encoder=1e-5 (repeatable)")
     p.add_argument("--resume", help="'latest' (the newest complete checkpoint of train.run_dir) or a checkpoint folder")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="save and exit at this step (resume later with --resume latest)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardFormatError, FileNotFoundError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    result = trainer.fit()
+    result = trainer.fit(stop_at=args.stop_at)
     if trainer.dist.is_main:
         print(json.dumps({"step": result["step"], "eval": result["eval"]}, indent=2))
     return 0

@@ -134,6 +134,11 @@ def _coerce(value, hint, path: str):
         return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

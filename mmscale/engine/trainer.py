@@ -175,8 +175,9 @@ class Trainer:
         self.task.set_content_cache(*content)
 
     # -- loop ---------------------------------------------------------------------------------------
-    def fit(self, batches: Iterable[Batch] | None = None) -> dict:
-        """Trains to `total_steps`; returns the last logged scalars and evaluation results.
+    def fit(self, batches: Iterable[Batch] | None = None, stop_at: int | None = None) -> dict:
+        """Trains to `total_steps` (or stops early at step `stop_at`, saving a checkpoint to resume
+        from); returns the last logged scalars and the final evaluation results.
 
         `batches` replaces the shard stream (tests feed identical global batches this way).
         """
@@ -189,7 +190,8 @@ class Trainer:
         last: dict = {}
         progress = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         self.engine.train()
-        while self.step < self.total_steps:
+        end = min(self.total_steps, stop_at or self.total_steps)
+        while self.step < end:
             wait_start = time.perf_counter()
             try:
                 batch = next(source)
@@ -208,19 +210,20 @@ class Trainer:
             self.step += 1
             self.samples_seen += self.global_batch
             progress.update(1)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            if self.step % cfg.log_every == 0 or self.step == end:
                 elapsed = time.perf_counter() - window_start
                 last = self._log_scalars(names, running / micro, micro, items_encoded, data_wait, elapsed)
                 progress.set_postfix(loss=f"{last['loss/total']:.4f}")
                 running.zero_()
                 micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
                 self.run_evaluation()
         progress.close()
         self.save()
-        results = self.run_evaluation() if self.config.eval.splits else {}
+        finished = self.step >= self.total_steps
+        results = self.run_evaluation() if finished and self.config.eval.splits else {}
         self.monitor.close()
         return {"scalars": last, "eval": results, "step": self.step}
 
