@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.fit(stop_at=args.stop_at)
     if trainer.dist.is_main:
         print(json.dumps({"step": result["step"], "eval": result["eval"]}, indent=2))
+        for split, metrics in result["eval"].items():
+            recall, random = metrics["recall@20"], metrics["random_recall@20"]
+            print(f"{split:>5}: Recall@20 {recall:.4f}  random {random:.4f}  ({recall / random:.1f}x random)")
+        print(f"run folder: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir / 'tensorboard'})")
     return 0
 
 

@@ -156,7 +156,11 @@ def _build(cls, values: dict, path: str = ""):
     for name in names:
         where = f"{path}.{name}" if path else name
         if name in values:
-            kwargs[name] = _coerce(values[name], hints[name], where)
+            value = values[name]
+            default = getattr(defaults, name)
+            if isinstance(default, dict) and isinstance(value, dict):
+                value = {**default, **value}  # a mapping (loss weights) updates the defaults; 0 turns one off
+            kwargs[name] = _coerce(value, hints[name], where)
         else:
             kwargs[name] = getattr(defaults, name)
     return cls(**kwargs)
@@ -227,6 +231,16 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if not config.recommender.user_id_embedding and config.recommender.history_pooling == "none":
         raise ConfigError("recommender: user_id_embedding=false with history_pooling=none leaves the user tower empty")
+    known_losses = ("rec", "itc")
+    for name in config.objectives.weights:
+        if name not in known_losses:
+            raise ConfigError(f"objectives.weights.{name}: unknown loss (known: {list(known_losses)})")
+    if not any(config.objectives.weights.values()):
+        raise ConfigError("objectives.weights: every weight is 0; nothing would be trained")
+    if config.encoder.kind not in ("clip",):
+        raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip)")
+    if config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
+        raise ConfigError("objectives.weights.itc: the frozen paradigm does not train the encoder; set it to 0")
     if config.objectives.rec_temperature <= 0:
         raise ConfigError("objectives.rec_temperature: must be positive")
 

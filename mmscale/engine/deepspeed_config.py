@@ -31,7 +31,7 @@ def build_deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
         "gradient_clipping": (config.optim.grad_clip, "optim.grad_clip"),
     }
     for key, (value, source) in injected.items():
-        if key in ds and ds[key] != value:
+        if key in ds and ds[key] not in (value, "auto"):
             raise ConfigError(f"{path}: {key}={ds[key]} contradicts the mmscale config ({source} gives {value})")
         ds[key] = value
     for key, wanted in (("bf16", bf16), ("fp16", False)):

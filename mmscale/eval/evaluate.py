@@ -114,7 +114,15 @@ def evaluate(
             scores = task.user_embeddings(users, history, hist) @ table.T
             excluded = _seen_mask(users, indptr, seen_items, len(table)) if config.exclude_seen else None
             ranks = target_ranks(scores.float(), targets, excluded)
-            for name, value in metric_sums(ranks, config.ks, weight[start : start + len(rows)].to(device)).items():
+            w = weight[start : start + len(rows)].to(device)
+            batch_sums = metric_sums(ranks, config.ks, w)
+            # A random ranking's expected Recall@K: K over the items left to rank, for comparison.
+            candidates = torch.full_like(targets, len(table), dtype=torch.float64)
+            if excluded is not None:
+                candidates -= excluded.sum(1) - excluded.gather(1, targets.unsqueeze(1)).squeeze(1).long()
+            for k in config.ks:
+                batch_sums[f"random_recall@{k}"] = ((k / candidates).clamp(max=1.0) * w).sum()
+            for name, value in batch_sums.items():
                 sums[name] = sums.get(name, 0) + value
         totals = coll.all_reduce_sum(torch.stack([sums[k] for k in sorted(sums)] + [weight.sum().to(device)]))
         count = float(totals[-1])

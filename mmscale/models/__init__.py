@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import EncoderConfig
+from ..config import ConfigError, EncoderConfig
 from ..data.preprocess import ItemPreprocess
 from .encoder import ItemEncoder
 
@@ -12,7 +12,7 @@ def build_encoder(config: EncoderConfig) -> ItemEncoder:
         from .clip import CLIPEncoder
 
         return CLIPEncoder(config.model, config.pretrained, config.grad_checkpointing)
-    raise ValueError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")
+    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")
 
 
 def build_preprocess(config: EncoderConfig) -> ItemPreprocess:
@@ -21,4 +21,4 @@ def build_preprocess(config: EncoderConfig) -> ItemPreprocess:
         from .clip import clip_preprocess
 
         return clip_preprocess(config.model)
-    raise ValueError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")
+    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")

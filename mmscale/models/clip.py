@@ -8,6 +8,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from ..config import ConfigError
 from ..data.preprocess import ItemPreprocess
 from .encoder import ItemEncoder, at_least_1d_parameters
 
@@ -20,11 +21,11 @@ def _resolve_model(model: str) -> str:
             raise FileNotFoundError(f"encoder.model: architecture file {path} does not exist")
         cfg = json.loads(path.read_text())
         if "vision_cfg" not in cfg or "text_cfg" not in cfg:
-            raise ValueError(f"encoder.model: {path} is not an open_clip architecture (needs vision_cfg and text_cfg)")
+            raise ConfigError(f"encoder.model: {path} is not an open_clip architecture (needs vision_cfg and text_cfg)")
         open_clip.add_model_config(path)
         return path.stem
     if open_clip.get_model_config(model) is None:
-        raise ValueError(f"encoder.model: unknown open_clip model {model!r}; see open_clip.list_models() or give a JSON path")
+        raise ConfigError(f"encoder.model: unknown open_clip model {model!r}; see open_clip.list_models() or give a JSON path")
     return model
 
 

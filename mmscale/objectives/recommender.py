@@ -20,7 +20,7 @@ def sampled_softmax_loss(users: torch.Tensor, items: torch.Tensor, item_ids: tor
 
 
 def bpr_loss(users: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-    """BPR with the next row's target as the negative (skipped when it is the same item)."""
+    """BPR with the previous row's target as the negative (skipped when it is the same item)."""
     negatives, negative_ids = items.roll(1, dims=0), item_ids.roll(1, dims=0)
     margin = (users * items).sum(-1) - (users * negatives).sum(-1)
     valid = (negative_ids != item_ids).to(margin.dtype)
