@@ -36,7 +36,11 @@ class EncoderConfig:
     model: str = "ViT-B-32"  # open_clip model name, or a path to an architecture JSON
     pretrained: str | None = None  # local checkpoint path; nothing is downloaded
     grad_checkpointing: bool = False
-    paradigm: str = "end_to_end"  # end_to_end | frozen (features cached once)
+    # end_to_end: recommender gradients flow into the encoder; frozen: every item encoded once and
+    # cached; fine_tuned: the encoder first adapts with the image-text loss alone for adapt_steps
+    # (on the training stream's items), then is frozen and cached for the recommender.
+    paradigm: str = "end_to_end"
+    adapt_steps: int = 200
 
 
 @dataclass
@@ -212,7 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def validate(config: Config) -> None:
     """Checks that each value is allowed, naming the key."""
     choices = {
-        "encoder.paradigm": (config.encoder.paradigm, ("end_to_end", "frozen")),
+        "encoder.paradigm": (config.encoder.paradigm, ("end_to_end", "frozen", "fine_tuned")),
         "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
@@ -241,6 +245,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip)")
     if config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
         raise ConfigError("objectives.weights.itc: the frozen paradigm does not train the encoder; set it to 0")
+    if config.encoder.paradigm == "fine_tuned" and not config.objectives.weights.get("rec"):
+        raise ConfigError("objectives.weights.rec: the fine_tuned paradigm trains the recommender after adaptation; it needs a rec weight")
     if config.objectives.rec_temperature <= 0:
         raise ConfigError("objectives.rec_temperature: must be positive")
 

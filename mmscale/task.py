@@ -31,21 +31,42 @@ class RecommendationTask(nn.Module):
         self.encoder = build_encoder(config.encoder)
         self.item_tower = ItemTower(self.encoder.embed_dim, rec.embed_dim, num_items, rec.item_id_embedding)
         self.user_tower = UserTower(num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
-        self.loss_weights = {name: w for name, w in obj.weights.items() if w != 0}
         self.history_content = config.data.history_content
-        self.frozen = config.encoder.paradigm == "frozen"
-        self.history_from_content = self.history_content or self.frozen
-        if self.frozen:
-            self.encoder.requires_grad_(False)
-        # Frozen paradigm: every item's (image, text, has_image) encoded once, filled by the engine.
+        # fine_tuned: the image-text loss alone until the engine calls freeze_encoder().
+        self.loss_weights = {"itc": 1.0} if config.encoder.paradigm == "fine_tuned" else self._configured_weights()
+        self.frozen = False
+        # Cached (image, text, has_image) of every item once the encoder is frozen, filled by the engine.
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
+        if config.encoder.paradigm == "frozen":
+            self.encoder.requires_grad_(False)
+
+    def _configured_weights(self) -> dict[str, float]:
+        return {name: w for name, w in self.config.objectives.weights.items() if w != 0}
+
+    @property
+    def freeze_at_step(self) -> int | None:
+        """The step at which the engine freezes the encoder and caches every item (None: never)."""
+        return {"frozen": 0, "fine_tuned": self.config.encoder.adapt_steps}.get(self.config.encoder.paradigm)
+
+    def training_windows(self) -> dict[str, tuple[int, int | None]]:
+        """[start, stop) steps in which each part (parameter-group prefix) learns; None: to the end."""
+        freeze = self.freeze_at_step
+        recommender_start = freeze if self.config.encoder.paradigm == "fine_tuned" else 0
+        return {"encoder": (0, freeze), "recommender": (recommender_start, None)}
+
+    @property
+    def history_from_content(self) -> bool:
+        return self.history_content or self.frozen
+
+    def freeze_encoder(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
+        """From now on items are represented by this cached content; the image-text loss stops."""
+        self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
+        self.frozen = True
+        self.loss_weights = {name: w for name, w in self._configured_weights().items() if name != "itc"}
 
     # -- content ----------------------------------------------------------------------------------
     def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images, text_tokens)
-
-    def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
-        self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
 
     def _cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cached = self.content_cache[item_ids]
@@ -80,18 +101,17 @@ class RecommendationTask(nn.Module):
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
         image, text, has_image = self.batch_content(batch)
-        items = self.item_embeddings(image, text, has_image, batch.item_ids)
-        if self.frozen:  # every item's content is cached: history items go through the full tower
-            ids = batch.history.clamp(min=0)
-            hist = self.item_embeddings(*self._cached_content(ids), ids)
-        else:
-            hist = self.history_embeddings(batch.history_slots if self.history_content else batch.history, items)
-        users = self.user_embeddings(batch.users, batch.history, hist)
-
-        targets = batch.target_slots
-        all_users, all_items, all_ids = gather(users), gather(items[targets]), gather(batch.targets)
+        targets, all_ids = batch.target_slots, gather(batch.targets)
         losses = {}
         if "rec" in self.loss_weights:
+            items = self.item_embeddings(image, text, has_image, batch.item_ids)
+            if self.frozen:  # every item's content is cached: history items go through the full tower
+                ids = batch.history.clamp(min=0)
+                hist = self.item_embeddings(*self._cached_content(ids), ids)
+            else:
+                hist = self.history_embeddings(batch.history_slots if self.history_content else batch.history, items)
+            all_users = gather(self.user_embeddings(batch.users, batch.history, hist))
+            all_items = gather(items[targets])
             if self.config.objectives.rec_loss == "softmax":
                 losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature)
             else:

@@ -40,13 +40,20 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
+def warmup_cosine(warmup_steps: int, total_steps: int, start: int = 0, stop: int | None = None):
+    """Learning-rate multiplier over the window [start, stop): linear warmup to 1, then cosine to 0.
+
+    Outside the window it is 0, so a part of the model stops (or has not yet started) learning.
+    """
+    stop = total_steps if stop is None else stop
 
     def factor(step: int) -> float:
+        if step < start or step >= stop:
+            return 0.0
+        step -= start
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, stop - start - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -78,7 +85,7 @@ class Trainer:
             self.shard_dir, "train", config.data.batch_size, self.preprocess,
             rank=self.dist.rank, world_size=self.dist.world_size, resampled=True,
             shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed,
-            history_content=config.data.history_content, content=not task.frozen,
+            history_content=config.data.history_content, content=task.freeze_at_step != 0,
         )
         self.steps_per_epoch = self.stream.batches_per_rank() // config.optim.grad_accum
         if self.steps_per_epoch == 0:
@@ -86,10 +93,11 @@ class Trainer:
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.steps_per_epoch))
 
         optimizer = self._optimizer(task, ds_config)
-        schedule = warmup_cosine(config.optim.warmup_steps, self.total_steps)
+        windows = task.training_windows()
+        schedules = [warmup_cosine(config.optim.warmup_steps, self.total_steps, *windows[g["name"].split("/")[0]]) for g in optimizer.param_groups]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=task, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedules),
         )
         self.task: RecommendationTask = self.engine.module
         self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum)
@@ -101,8 +109,8 @@ class Trainer:
             self._load(*found)
         elif resume == "latest":
             self.log(f"--resume latest: no complete checkpoint in {self.checkpoint_dir}; starting from scratch")
-        if task.frozen:
-            self.refresh_content_cache()
+        if task.freeze_at_step is not None and self.step >= task.freeze_at_step:
+            self.freeze_encoder()
         self._record_run(ds_config, manifest)
         self.monitor = Monitor(self.run_dir, self.dist.is_main)
 
@@ -167,12 +175,14 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     @torch.no_grad()
-    def refresh_content_cache(self) -> None:
-        """Frozen paradigm: encode every item once (in parallel across ranks) and cache it in the task."""
+    def freeze_encoder(self) -> None:
+        """Encodes every item once (in parallel across ranks) and hands the cache to the task."""
         store = ItemStore(self.shard_dir)
         content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
                                    self.config.eval.batch_size, self.config.data.num_workers)
-        self.task.set_content_cache(*content)
+        self.task.freeze_encoder(*content)
+        self.stream.content = False  # from the next epoch on, batches need no decoded content
+        self.log(f"step {self.step}: encoder frozen, {len(content[0])} items cached")
 
     # -- loop ---------------------------------------------------------------------------------------
     def fit(self, batches: Iterable[Batch] | None = None, stop_at: int | None = None) -> dict:
@@ -183,8 +193,8 @@ class Trainer:
         """
         cfg = self.config.train
         source = iter(batches) if batches is not None else self._stream_batches()
+        freeze_at = self.task.freeze_at_step
         names = sorted(self.task.loss_weights)
-        weights = self.task.loss_weights
         running = torch.zeros(len(names) + 1, device=self.dist.device)  # per-loss sums and the total
         micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
         last: dict = {}
@@ -200,22 +210,26 @@ class Trainer:
             data_wait += time.perf_counter() - wait_start
             items_encoded += len(batch.item_ids)
             losses = self.engine(batch.to(self.dist.device), gather)
-            total = sum(weights[n] * losses[n] for n in names)
+            total = sum(self.task.loss_weights[n] * losses[n] for n in names)
             self.engine.backward(total)
-            self.engine.step()
+            self.engine.step()  # DeepSpeed steps the optimizer on accumulation boundaries only
             running += torch.stack([losses[n].detach().float() for n in names] + [total.detach().float()])
             micro += 1
-            if not self.engine.is_gradient_accumulation_boundary() and micro % self.config.optim.grad_accum:
+            if micro % self.config.optim.grad_accum:
                 continue
             self.step += 1
             self.samples_seen += self.global_batch
             progress.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
+            if self.step % cfg.log_every == 0 or self.step in (end, freeze_at):
                 elapsed = time.perf_counter() - window_start
                 last = self._log_scalars(names, running / micro, micro, items_encoded, data_wait, elapsed)
                 progress.set_postfix(loss=f"{last['loss/total']:.4f}")
                 running.zero_()
                 micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+            if self.step == freeze_at:  # fine_tuned: adaptation is over, the recommender phase begins
+                self.freeze_encoder()
+                names = sorted(self.task.loss_weights)
+                running = torch.zeros(len(names) + 1, device=self.dist.device)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
