@@ -8,6 +8,7 @@ The optimizer and scheduler are built by mmscale (separate learning rates per pa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..config import Config, ConfigError
@@ -17,6 +18,10 @@ def build_deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
     path = Path(config.train.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config: {path} does not exist")
+    # Under `accelerate launch` with a DeepSpeed accelerate config, both name a file: they must agree.
+    launcher_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if launcher_file and launcher_file != "none" and Path(launcher_file).resolve() != path.resolve():
+        raise ConfigError(f"train.deepspeed_config: {path} contradicts the accelerate config's deepspeed_config_file {launcher_file}")
     try:
         ds = json.loads(path.read_text())
     except ValueError as e:
