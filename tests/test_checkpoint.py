@@ -1,0 +1,50 @@
+"""Checkpoint folder rules: only complete tags count, `latest` moves atomically, old tags are pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmscale.engine import checkpoint
+
+
+def make_tag(root: Path, step: int, complete: bool) -> str:
+    tag = checkpoint.tag_for(step)
+    (root / tag).mkdir(parents=True)
+    (root / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    if complete:
+        checkpoint.mark_complete(root, tag, keep_last=10)
+    return tag
+
+
+def test_half_written_tag_is_never_latest(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    make_tag(checkpoints, 100, complete=True)
+    make_tag(checkpoints, 200, complete=False)  # the run died while saving this one
+    assert checkpoint.latest_complete(checkpoints) == "step00000100"
+    assert (checkpoints / "latest").read_text() == "step00000100"
+    assert checkpoint.resolve_resume("latest", tmp_path / "run") == (checkpoints, "step00000100")
+    assert checkpoint.resolve_resume("latest", tmp_path / "other-run") is None  # nothing saved there: fresh start
+
+
+def test_keep_last_prunes_old_complete_tags_and_crash_debris(tmp_path):
+    for step in (1, 2, 3):
+        make_tag(tmp_path, step, complete=True)
+    make_tag(tmp_path, 4, complete=False)  # debris older than the next complete tag
+    make_tag(tmp_path, 5, complete=False)
+    removed = checkpoint.mark_complete(tmp_path, "step00000005", keep_last=2)
+    assert sorted(removed) == ["step00000001", "step00000002", "step00000004"]
+    assert checkpoint.complete_tags(tmp_path) == ["step00000003", "step00000005"]
+    assert not (tmp_path / "step00000004").exists()
+    assert (tmp_path / "latest").read_text() == "step00000005"
+    assert not (tmp_path / "latest.tmp").exists()
+
+
+def test_resume_from_explicit_folder_requires_complete_marker(tmp_path):
+    make_tag(tmp_path, 7, complete=False)
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        checkpoint.resolve_resume(str(tmp_path / "step00000007"), tmp_path)
+    checkpoint.mark_complete(tmp_path, "step00000007", keep_last=1)
+    assert checkpoint.resolve_resume(str(tmp_path / "step00000007"), tmp_path) == (tmp_path, "step00000007")
+    assert checkpoint.resolve_resume(None, tmp_path) is None
