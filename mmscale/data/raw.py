@@ -17,7 +17,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import Image
@@ -119,7 +119,8 @@ def _text_of(record: dict, fields: tuple[str, ...]) -> str:
         if isinstance(value, list):
             value = ", ".join(str(v) for v in value)
         parts.append(str(value).strip())
-    return ". ".join(p.rstrip(".") for p in parts if p) + ("." if parts else "")
+    # "Title. Description." -- a part that already ends a sentence keeps its own punctuation.
+    return " ".join(p if p[-1] in ".!?" else p + "." for p in parts if p)
 
 
 def read_items(root: Path, fmt: RawFormat, ledger: Ledger) -> dict[str, RawItem]:
@@ -156,7 +157,10 @@ def _parse_timestamp(value: str) -> float:
     try:
         ts = float(value)
     except ValueError:
-        ts = datetime.fromisoformat(value.strip()).timestamp()
+        when = datetime.fromisoformat(value.strip())
+        if when.tzinfo is None:  # naive times are UTC, so a build does not depend on the machine's zone
+            when = when.replace(tzinfo=timezone.utc)
+        ts = when.timestamp()
     if not math.isfinite(ts):
         raise ValueError("not finite")
     return ts

@@ -132,11 +132,24 @@ class InteractionStream(IterableDataset):
         self._corrupt += 1
         return True  # continue with the next sample/shard
 
+    def _parse_headers(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """Drops (and counts) samples whose header is unreadable, before batching, so batches stay whole."""
+        for sample in samples:
+            try:
+                header = json.loads(sample["json"])
+                history = [int(i) for i in header["history"]][-self.max_history :]
+                sample["parsed"] = (int(header["user"]), int(header["target"]), history)
+            except Exception:
+                self._corrupt += 1
+                continue
+            yield sample
+
     def raw_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[dict]]:
         """Undecoded batches for one (logical) worker of this rank."""
         pipeline = wds.DataPipeline(
             lambda: self._shards(worker, num_workers),
             wds.tarfile_to_samples(handler=self._count_corrupt),
+            self._parse_headers,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=self._rng("samples", self.rank, worker))
             if self.shuffle_buffer > 1
             else (lambda src: src),
@@ -151,9 +164,9 @@ class InteractionStream(IterableDataset):
         """Decoded batches of one logical worker, after skipping those consumed before a resume."""
         skip = worker_batch_counts(self.start_batch, num_workers)[worker] if self.resampled else 0
         for raw in islice(self.raw_batches(worker, num_workers), skip, None):
-            batch = self.decode(raw)
-            if batch is not None:
-                yield batch
+            yield self.decode(raw)
+        if self._corrupt and not self.resampled:  # corrupt samples after the last batch: report them in an empty one
+            yield self.decode([])
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -179,7 +192,7 @@ class InteractionStream(IterableDataset):
             return ((sample[ext], ext) if ext else None), sample["txt"].decode()
         return self.store.image(item), self.store.text(item)
 
-    def decode(self, raw: list[dict]) -> Batch | None:
+    def decode(self, raw: list[dict]) -> Batch:
         headers, slots = [], {}
         contents: list[tuple[tuple[bytes, str] | None, str]] = []
 
@@ -191,15 +204,8 @@ class InteractionStream(IterableDataset):
             return slots[item]
 
         for sample in raw:
-            try:
-                header = json.loads(sample["json"])
-                target = int(header["target"])
-                history = [int(i) for i in header["history"]][-self.max_history :]
-                headers.append((int(header["user"]), target, history, slot_of(target, sample)))
-            except Exception:
-                self._corrupt += 1
-        if not headers:
-            return None
+            user, target, history = sample["parsed"]
+            headers.append((user, target, history, slot_of(target, sample)))
         b, length = len(headers), self.max_history
         history = torch.full((b, length), PAD, dtype=torch.long)
         history_slots = torch.full((b, length), PAD, dtype=torch.long)
@@ -219,11 +225,11 @@ class InteractionStream(IterableDataset):
         texts = [text for _, text in contents]
         corrupt, self._corrupt = self._corrupt, 0
         return Batch(
-            users=torch.tensor([h[0] for h in headers]),
-            targets=torch.tensor([h[1] for h in headers]),
+            users=torch.tensor([h[0] for h in headers], dtype=torch.long),
+            targets=torch.tensor([h[1] for h in headers], dtype=torch.long),
             history=history,
-            item_ids=torch.tensor(list(slots)),
-            target_slots=torch.tensor([h[3] for h in headers]),
+            item_ids=torch.tensor(list(slots), dtype=torch.long),
+            target_slots=torch.tensor([h[3] for h in headers], dtype=torch.long),
             history_slots=history_slots,
             images=images,
             has_image=has_image,

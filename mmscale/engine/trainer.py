@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -92,6 +93,7 @@ class Trainer:
             raise ConfigError(f"data.batch_size x optim.grad_accum x {self.dist.world_size} ranks exceeds the training split of {self.shard_dir}")
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.steps_per_epoch))
 
+        self.zero_stage = zero_stage(ds_config)
         optimizer = self._optimizer(task, ds_config)
         windows = task.training_windows()
         schedules = [warmup_cosine(config.optim.warmup_steps, self.total_steps, *windows[g["name"].split("/")[0]]) for g in optimizer.param_groups]
@@ -178,8 +180,12 @@ class Trainer:
     def freeze_encoder(self) -> None:
         """Encodes every item once (in parallel across ranks) and hands the cache to the task."""
         store = ItemStore(self.shard_dir)
-        content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
-                                   self.config.eval.batch_size, self.config.data.num_workers)
+        # Under ZeRO-3 a frozen encoder's partitions are not gathered by the training hooks before
+        # the first step; gather them explicitly for this one pass over the catalogue.
+        gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
+        with gathered:
+            content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
+                                       self.config.eval.batch_size, self.config.data.num_workers)
         self.task.freeze_encoder(*content)
         self.stream.content = False  # from the next epoch on, batches need no decoded content
         self.log(f"step {self.step}: encoder frozen, {len(content[0])} items cached")
@@ -196,7 +202,7 @@ class Trainer:
         freeze_at = self.task.freeze_at_step
         names = sorted(self.task.loss_weights)
         running = torch.zeros(len(names) + 1, device=self.dist.device)  # per-loss sums and the total
-        micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+        micro, items_encoded, corrupt, data_wait, window_start = 0, 0, 0, 0.0, time.perf_counter()
         last: dict = {}
         progress = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         self.engine.train()
@@ -209,6 +215,7 @@ class Trainer:
                 break
             data_wait += time.perf_counter() - wait_start
             items_encoded += len(batch.item_ids)
+            corrupt += int(batch.corrupt_samples)  # a CPU tensor from the loader: no device sync
             losses = self.engine(batch.to(self.dist.device), gather)
             total = sum(self.task.loss_weights[n] * losses[n] for n in names)
             self.engine.backward(total)
@@ -222,10 +229,10 @@ class Trainer:
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step in (end, freeze_at):
                 elapsed = time.perf_counter() - window_start
-                last = self._log_scalars(names, running / micro, micro, items_encoded, data_wait, elapsed)
+                last = self._log_scalars(names, running / micro, micro, items_encoded, corrupt, data_wait, elapsed)
                 progress.set_postfix(loss=f"{last['loss/total']:.4f}")
                 running.zero_()
-                micro, items_encoded, data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+                micro, items_encoded, corrupt, data_wait, window_start = 0, 0, 0, 0.0, time.perf_counter()
             if self.step == freeze_at:  # fine_tuned: adaptation is over, the recommender phase begins
                 self.freeze_encoder()
                 names = sorted(self.task.loss_weights)
@@ -241,19 +248,20 @@ class Trainer:
         self.monitor.close()
         return {"scalars": last, "eval": results, "step": self.step}
 
-    def _log_scalars(self, names, mean_losses, micro, items_encoded, data_wait, elapsed) -> dict:
+    def _log_scalars(self, names, mean_losses, micro, items_encoded, corrupt, data_wait, elapsed) -> dict:
         """The one host synchronisation of a logging window: reduce across ranks, then log."""
-        counts = torch.tensor([items_encoded, data_wait, elapsed], dtype=torch.float64)
+        counts = torch.tensor([items_encoded, corrupt, data_wait, elapsed], dtype=torch.float64)
         reduced = all_reduce_sum(torch.cat([mean_losses.double().cpu(), counts]))
         world = self.dist.world_size
         values = (reduced[: len(names) + 1] / world).tolist()
         scalars = {f"loss/{n}": v for n, v in zip(names + ["total"], values)}
-        items, wait, secs = reduced[len(names) + 1 :].tolist()
+        items, corrupt, wait, secs = reduced[len(names) + 1 :].tolist()
         steps = micro / self.config.optim.grad_accum
         scalars.update({
             "perf/samples_per_s": steps * self.global_batch / (secs / world),
             "perf/items_encoded_per_s": items / (secs / world),
             "perf/data_wait_fraction": wait / secs,
+            "data/corrupt_samples_skipped": corrupt,
             **{f"lr/{g['name'].split('/')[0]}": g["lr"] for g in self.optimizer.param_groups},
         })
         grad_norm = self.engine.get_global_grad_norm()

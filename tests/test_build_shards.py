@@ -1,0 +1,524 @@
+"""The shard builder: counts, the leave-one-out split, content round trips, id maps, cold items,
+filters, the bad-input ledger (and --strict), determinism and safe replacement of the output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmscale.data.format import MANIFEST, ShardFormatError, load_manifest
+from mmscale.data.item_store import ItemStore
+from mmscale.data.raw import BAD_KINDS
+from mmscale.data.shards import BuildOptions, build_shards
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_HISTORY = 50
+
+
+def natural(raw_id: str):
+    return (0, int(raw_id), "") if raw_id.isdigit() else (1, 0, raw_id)
+
+
+def composed_text(record: dict) -> str:
+    """Title and description as sentences: a part already ending in . ! or ? keeps its punctuation (the builder's rule)."""
+    parts = [str(record[f]).strip() for f in ("title", "description") if record.get(f) not in (None, "", [])]
+    return " ".join(p if p.endswith((".", "!", "?")) else p + "." for p in parts)
+
+
+def expected_splits(sequences: dict[str, list[str]], user_index: dict, item_index: dict, cold: set[int] = frozenset(), max_history: int = MAX_HISTORY):
+    """Leave-one-out by time recomputed from the raw sequences (raw ids mapped to indices)."""
+    out = {s: [] for s in ("train", "valid", "test", "cold")}
+    seen = {}
+    for raw_user, raw_items in sequences.items():
+        u = user_index[raw_user]
+        warm: list[int] = []
+        for item in (item_index[i] for i in raw_items):
+            if item in cold:
+                out["cold"].append((u, item, tuple(warm[-max_history:] if warm else [])))
+            else:
+                warm.append(item)
+        n = len(warm)
+        hist = lambda p: tuple(warm[max(0, p - max_history) : p])
+        if n >= 1:
+            out["test"].append((u, warm[n - 1], hist(n - 1)))
+        if n >= 2:
+            out["valid"].append((u, warm[n - 2], hist(n - 2)))
+        out["train"].extend((u, warm[p], hist(p)) for p in range(1, n - 2))
+        seen[u] = set(warm[: max(n - 2, 0)])
+    return out, seen
+
+
+def key(t):
+    """A compact multiset key for a (user, target, history) tuple."""
+    return t[0], t[1], np.asarray(t[2], np.int32).tobytes()
+
+
+def all_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str]) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mmscale_tools_build_shards", REPO / "tools" / "build_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+TINY_OPTS = dict(progress=False, workers=1)
+ML_SHARD_BYTES = 64 * 2**20  # conftest builds ml100k with shard_size_mb=64
+
+
+# =================================================================================================
+# ml100k-mm (real data, built once per session)
+# =================================================================================================
+@pytest.fixture(scope="module")
+def ml_raw(ml100k_raw, raw_parser):
+    rows, items = raw_parser.parse(ml100k_raw)
+    return rows, items, raw_parser.sequences(rows)
+
+
+@pytest.fixture(scope="module")
+def ml_maps(ml100k_shards):
+    out, _ = ml100k_shards
+    user_ids = json.loads((out / "user_ids.json").read_text())
+    item_ids = json.loads((out / "item_ids.json").read_text())
+    return user_ids, item_ids, {u: i for i, u in enumerate(user_ids)}, {it: i for i, it in enumerate(item_ids)}
+
+
+@pytest.fixture(scope="module")
+def ml_train(ml100k_shards, shard_reader):
+    out, manifest = ml100k_shards
+    return shard_reader.tuples(shard_reader.split(out, manifest, "train", only=("json",)))
+
+
+@pytest.mark.realdata
+def test_ml100k_manifest_counts(ml100k_shards, ml100k_raw, ml_raw):
+    out, manifest = ml100k_shards
+    rows, items, sequences = ml_raw
+    assert manifest == load_manifest(out) | {"bad_input_report": manifest["bad_input_report"]}
+    counts = manifest["counts"]
+    assert counts["raw"] == {"users": 943, "items": 1682, "interactions": 100_000}
+    assert counts["kept"] == {"users": 943, "items": 1682, "interactions": 100_000}
+    # the same numbers recomputed from the raw files
+    assert (len(sequences), len(items), len(rows)) == (943, 1682, 100_000)
+    with_image = [r for r in items.values() if r.get("image") and (ml100k_raw / r["image"]).is_file()]
+    assert counts["images_present"] == len(with_image) == 1643
+    assert counts["images_missing"] == 39
+    assert counts["samples"] == {"train": 100_000 - 3 * 943, "valid": 943, "test": 943, "cold": 0}
+    assert (manifest["num_users"], manifest["num_items"], manifest["max_history"]) == (943, 1682, MAX_HISTORY)
+    assert sum(manifest["bad_input"]["counts"].values()) == 0
+    # several train shards, each listed with its real sample count and size
+    assert len(manifest["shards"]["train"]) > 3
+    for split, shards in manifest["shards"].items():
+        assert sum(s["samples"] for s in shards) == (counts["samples"][split] if split != "items" else 1682)
+        for s in shards:
+            assert (out / s["path"]).stat().st_size == s["bytes"]
+            # bounded by shard_size_mb, plus the tar end-of-archive blocks and record padding
+            assert s["bytes"] <= ML_SHARD_BYTES + 2 * 512 + tarfile.RECORDSIZE or s["samples"] == 1
+
+
+@pytest.mark.realdata
+def test_ml100k_splits_follow_leave_one_out_by_time(ml100k_shards, ml_raw, ml_maps, ml_train, shard_reader):
+    out, manifest = ml100k_shards
+    _, _, sequences = ml_raw
+    _, _, user_index, item_index = ml_maps
+    expected, _ = expected_splits(sequences, user_index, item_index)
+    for split in ("valid", "test"):
+        got = shard_reader.tuples(shard_reader.split(out, manifest, split, only=("json",)))
+        assert len(got) == 943
+        assert sorted(got) == sorted(expected[split]), split
+    # spot checks by hand for a few users: test = last item, valid = second to last
+    for raw_user in ("1", "196", "943"):
+        seq = sequences[raw_user]
+        u = user_index[raw_user]
+        test = [t for t in expected["test"] if t[0] == u]
+        assert test == [(u, item_index[seq[-1]], tuple(item_index[i] for i in seq[-1 - MAX_HISTORY : -1]))]
+    # train: the multiset of (user, target, history) equals the rule exactly
+    assert len(ml_train) == 100_000 - 3 * 943
+    assert Counter(map(key, ml_train)) == Counter(map(key, expected["train"]))
+    assert all(len(h) <= MAX_HISTORY for _, _, h in ml_train)
+    assert max(len(h) for _, _, h in ml_train) == MAX_HISTORY
+    # written in a mixed order, not user by user
+    first_users = [u for u, _, _ in ml_train[:200]]
+    assert len(set(first_users)) > 50
+
+
+@pytest.mark.realdata
+def test_ml100k_id_maps(ml100k_shards, ml_raw, ml_maps, shard_reader):
+    out, manifest = ml100k_shards
+    _, items, sequences = ml_raw
+    user_ids, item_ids, _, _ = ml_maps
+    assert sorted(user_ids, key=natural) == user_ids and set(user_ids) == set(sequences)
+    assert sorted(item_ids, key=natural) == item_ids and set(item_ids) == set(items)
+    assert len(set(user_ids)) == 943 and len(set(item_ids)) == 1682
+    # each item sample names its raw id, and its text is that raw item's
+    for sample in shard_reader.split(out, manifest, "items", only=("json", "txt")):
+        header = json.loads(sample["json"])
+        assert sample["__key__"] == f"{header['item']:09d}"
+        assert header["raw_id"] == item_ids[header["item"]]
+        assert sample["txt"].decode() == composed_text(items[header["raw_id"]])
+    # a test sample maps back to the raw user's last interaction
+    tests = shard_reader.tuples(shard_reader.split(out, manifest, "test", only=("json",)))
+    for u, target, _ in tests:
+        assert item_ids[target] == sequences[user_ids[u]][-1]
+
+
+@pytest.mark.realdata
+def test_ml100k_seen_is_each_users_training_items(ml100k_shards, ml_raw, ml_maps, ml_train):
+    out, _ = ml100k_shards
+    _, _, sequences = ml_raw
+    _, _, user_index, item_index = ml_maps
+    _, expected_seen = expected_splits(sequences, user_index, item_index)
+    seen = np.load(out / "seen.npz")
+    indptr, items = seen["indptr"], seen["items"]
+    assert len(indptr) == 943 + 1 and indptr[0] == 0 and indptr[-1] == len(items)
+    from_train = defaultdict(set)
+    for u, target, history in ml_train:
+        from_train[u].add(target)
+        from_train[u].update(history)
+    for u in range(943):
+        row = items[indptr[u] : indptr[u + 1]].tolist()
+        assert len(row) == len(set(row)), f"user {u}: duplicate seen items"
+        assert set(row) == expected_seen[u], f"user {u}"
+        assert set(row) == from_train[u], f"user {u}: seen differs from the items of its training samples"
+
+
+@pytest.mark.realdata
+def test_ml100k_item_content_round_trips(ml100k_shards, ml100k_raw, ml_raw, ml_maps, shard_reader):
+    out, manifest = ml100k_shards
+    _, items, _ = ml_raw
+    _, item_ids, _, _ = ml_maps
+    store = ItemStore(out)
+    assert len(store) == 1682
+    in_shards = {s["__key__"]: s for s in shard_reader.split(out, manifest, "items")}
+    without_image = 0
+    for i, raw_id in enumerate(item_ids):
+        record = items[raw_id]
+        path = ml100k_raw / record["image"] if record.get("image") else None
+        sample = in_shards[f"{i:09d}"]
+        header = json.loads(sample["json"])
+        if path is not None and path.is_file():
+            raw_bytes = path.read_bytes()
+            data, ext = store.image(i)
+            assert bytes(data) == raw_bytes and ext == "jpg", raw_id
+            assert sample["jpg"] == raw_bytes
+            assert store.has_image(i) and header["has_image"]
+        else:
+            without_image += 1
+            assert store.image(i) is None and not store.has_image(i) and not header["has_image"]
+            assert not set(sample) & {"jpg", "png", "webp", "gif", "bmp"}
+        text = composed_text(record)
+        assert store.text(i) == text == sample["txt"].decode(), raw_id
+        if record.get("description"):
+            title = record["title"].strip()
+            assert text.startswith((title if title.endswith((".", "!", "?")) else title + ".") + " ")
+    assert without_image == 39
+    toy = item_ids.index("1")
+    assert store.text(toy).startswith("Toy Story. A cowboy doll is profoundly threatened")
+
+
+@pytest.mark.realdata
+def test_ml100k_samples_carry_their_targets_content(ml100k_shards, ml100k_raw, ml_raw, ml_maps, shard_reader):
+    out, manifest = ml100k_shards
+    _, items, _ = ml_raw
+    _, item_ids, _, _ = ml_maps
+    for split in ("valid", "test"):
+        for sample in shard_reader.split(out, manifest, split):
+            target = json.loads(sample["json"])["target"]
+            record = items[item_ids[target]]
+            assert sample["txt"].decode() == composed_text(record)
+            path = ml100k_raw / record["image"] if record.get("image") else None
+            if path is not None and path.is_file():
+                assert sample["jpg"] == path.read_bytes()
+            else:
+                assert "jpg" not in sample
+    # and a train shard (the first one) too
+    first = out / manifest["shards"]["train"][0]["path"]
+    for sample in shard_reader.tar(first)[:300]:
+        record = items[item_ids[json.loads(sample["json"])["target"]]]
+        assert sample["txt"].decode() == composed_text(record)
+        if "jpg" in sample:
+            assert sample["jpg"] == (ml100k_raw / record["image"]).read_bytes()
+
+
+@pytest.mark.realdata
+def test_ml100k_cold_items_never_reach_training(ml100k_raw, ml_raw, shard_reader, tmp_path):
+    """10% cold items: absent from every train/valid/test target and history; cold samples target them."""
+    _, _, sequences = ml_raw
+    out = tmp_path / "cold"
+    manifest = build_shards(ml100k_raw, out, BuildOptions(progress=False, cold_item_fraction=0.1, embed_target_content=False))
+    cold = set(manifest["cold_items"])
+    assert len(cold) == manifest["counts"]["cold_items"] == round(0.1 * 1682)
+    user_ids = json.loads((out / "user_ids.json").read_text())
+    item_ids = json.loads((out / "item_ids.json").read_text())
+    user_index = {u: i for i, u in enumerate(user_ids)}
+    item_index = {it: i for i, it in enumerate(item_ids)}
+    expected, expected_seen = expected_splits(sequences, user_index, item_index, cold)
+    got = {s: shard_reader.tuples(shard_reader.split(out, manifest, s, only=("json",))) for s in ("train", "valid", "test", "cold")}
+    for split in ("train", "valid", "test"):
+        for user, target, history in got[split]:
+            assert target not in cold, (split, user, target)
+            assert not cold & set(history), (split, user)
+    for user, target, history in got["cold"]:
+        assert target in cold
+        assert not cold & set(history)
+    cold_interactions = sum(1 for seq in sequences.values() for it in seq if item_index[it] in cold)
+    assert len(got["cold"]) == manifest["counts"]["samples"]["cold"] == cold_interactions
+    assert {t for _, t, _ in got["cold"]} == cold  # every cold item was interacted with
+    for split in got:
+        assert Counter(map(key, got[split])) == Counter(map(key, expected[split])), split
+    seen = np.load(out / "seen.npz")
+    assert not cold & set(seen["items"].tolist())
+    for u in range(len(user_ids)):
+        assert set(seen["items"][seen["indptr"][u] : seen["indptr"][u + 1]].tolist()) == expected_seen[u]
+    shutil.rmtree(out)  # ~120 MB; kept only when the test fails
+
+
+# =================================================================================================
+# Filters on the tiny dataset
+# =================================================================================================
+def user_sequences_from_shards(out: Path, shard_reader) -> dict[str, list[str]]:
+    """Each kept user's whole kept sequence, in raw ids: the test sample's history + its target."""
+    manifest = load_manifest(out)
+    user_ids = json.loads((out / "user_ids.json").read_text())
+    item_ids = json.loads((out / "item_ids.json").read_text())
+    return {
+        user_ids[u]: [item_ids[i] for i in (*history, target)]
+        for u, target, history in shard_reader.tuples(shard_reader.split(out, manifest, "test", only=("json",)))
+    }
+
+
+def test_min_rating_drops_low_ratings(tiny_raw, raw_parser, shard_reader, tmp_path):
+    raw = tiny_raw(num_users=6, num_items=8, lengths=[6] * 6)
+    for row in raw.rows:
+        if row[0] == "6":  # user 6 rated only two items 3 or higher: dropped by the k-core (3)
+            row[2] = "5" if row[1] in {raw.rows[-1][1], raw.rows[-2][1]} else "1"
+    root = raw.write(tmp_path / "raw")
+    rows, _ = raw_parser.parse(root)
+    high = [r for r in rows if r[4] >= 3]
+    by_user = raw_parser.sequences(high)
+    assert len(by_user["6"]) == 2 and all(len(s) >= 3 for u, s in by_user.items() if u != "6")
+    expected = {u: s for u, s in by_user.items() if u != "6"}
+
+    manifest = build_shards(root, tmp_path / "out", BuildOptions(min_rating=3, **TINY_OPTS))
+    assert manifest["counts"]["raw"]["interactions"] == 36
+    assert manifest["counts"]["kept"]["interactions"] == sum(map(len, expected.values())) < len(high) < 36
+    assert manifest["counts"]["kept"]["users"] == 5
+    assert user_sequences_from_shards(tmp_path / "out", shard_reader) == expected
+    # no rating filter: everything kept
+    manifest = build_shards(root, tmp_path / "all", BuildOptions(**TINY_OPTS))
+    assert manifest["counts"]["kept"]["interactions"] == 36
+
+
+def k_core_raw(tiny_raw):
+    """Users 1, 2: items 1-4; user 3: items 1, 2, 5; user 4: items 5, 6; item 7: nobody.
+
+    With users >= 3 and items >= 2: round 1 drops user 4 (and item 6), which leaves item 5 with
+    one interaction; round 2 drops item 5, which leaves user 3 with two; round 3 drops user 3."""
+    raw = tiny_raw(num_users=4, num_items=7)
+    plan = {"1": ["1", "2", "3", "4"], "2": ["4", "3", "2", "1"], "3": ["1", "2", "5"], "4": ["5", "6"]}
+    raw.rows = [[u, it, "4", str(1000 * int(u) + k)] for u, its in plan.items() for k, it in enumerate(its)]
+    return raw, plan
+
+
+def test_k_core_filter_is_iterative(tiny_raw, shard_reader, tmp_path):
+    raw, plan = k_core_raw(tiny_raw)
+    root = raw.write(tmp_path / "raw")
+    out = tmp_path / "out"
+    manifest = build_shards(root, out, BuildOptions(min_user_interactions=3, min_item_interactions=2, **TINY_OPTS))
+    assert json.loads((out / "user_ids.json").read_text()) == ["1", "2"]
+    assert json.loads((out / "item_ids.json").read_text()) == ["1", "2", "3", "4"]
+    assert manifest["counts"]["kept"] == {"users": 2, "items": 4, "interactions": 8}
+    assert user_sequences_from_shards(out, shard_reader) == {"1": plan["1"], "2": plan["2"]}
+    assert len(ItemStore(out)) == 4
+
+
+def test_k_core_users_only_keeps_the_whole_catalogue(tiny_raw, shard_reader, tmp_path):
+    raw, plan = k_core_raw(tiny_raw)
+    root = raw.write(tmp_path / "raw")
+    out = tmp_path / "out"
+    manifest = build_shards(root, out, BuildOptions(min_user_interactions=3, **TINY_OPTS))
+    assert json.loads((out / "user_ids.json").read_text()) == ["1", "2", "3"]
+    # min_item_interactions=0: every listed item stays in the catalogue, even never-seen ones
+    assert json.loads((out / "item_ids.json").read_text()) == [str(i) for i in range(1, 8)]
+    assert manifest["counts"]["kept"] == {"users": 3, "items": 7, "interactions": 11}
+    assert user_sequences_from_shards(out, shard_reader) == {u: plan[u] for u in ("1", "2", "3")}
+
+
+# =================================================================================================
+# Planted bad input
+# =================================================================================================
+BROKEN_JSON = '{"item_id": "99", "title": "Broken'
+SHORT_ROW = "3,4,5"  # three columns, the header has four
+BAD_TIME = ["2", "3", "4", "yesterday"]
+UNKNOWN = ["1", "999", "4", "1000999"]
+
+
+def plant(raw, *kinds: str) -> dict[str, tuple[str, int, str]]:
+    """Plants the named faults between valid neighbours; returns kind -> (file, line, field)."""
+    places = {}
+    if "unreadable_image" in kinds:  # item 2's JPEG cut in half
+        data = raw.images["images/2.jpg"]
+        raw.images["images/2.jpg"] = data[: len(data) // 2]
+    if "missing_image" in kinds:  # item 4 names a file that is not there
+        raw.items[3]["image"] = "images/missing-4.jpg"
+    if "malformed_jsonl" in kinds:
+        raw.items.insert(5, BROKEN_JSON)
+    if "malformed_csv" in kinds:
+        raw.rows.insert(7, SHORT_ROW)
+    if "bad_timestamp" in kinds:
+        raw.rows.insert(12, BAD_TIME)
+    if "unknown_item" in kinds:
+        raw.rows.insert(3, UNKNOWN)
+    # line numbers after every insertion
+    if "unreadable_image" in kinds:
+        places["unreadable_image"] = ("items.jsonl", raw.item_line("2"), "image")
+    if "missing_image" in kinds:
+        places["missing_image"] = ("items.jsonl", raw.item_line("4"), "image")
+    if "malformed_jsonl" in kinds:
+        places["malformed_jsonl"] = ("items.jsonl", raw.items.index(BROKEN_JSON) + 1, "-")
+    for kind, planted, fld in (("malformed_csv", SHORT_ROW, "-"), ("bad_timestamp", BAD_TIME, "timestamp"), ("unknown_item", UNKNOWN, "item_id")):
+        if kind in kinds:
+            index = next(i for i, r in enumerate(raw.rows) if r is planted)
+            places[kind] = ("interactions.csv", raw.row_line(index), fld)
+    return places
+
+
+ALL_FAULTS = ("unreadable_image", "missing_image", "malformed_jsonl", "malformed_csv", "bad_timestamp", "unknown_item")
+LEDGER_KIND = {"malformed_jsonl": "malformed_row", "malformed_csv": "malformed_row"}
+
+
+def test_bad_input_is_counted_with_file_and_line_and_neighbours_kept(tiny_raw, shard_reader, tmp_path, capsys):
+    raw = tiny_raw(num_users=6, num_items=8, lengths=[5] * 6)
+    places = plant(raw, *ALL_FAULTS)
+    root = raw.write(tmp_path / "raw")
+    out = tmp_path / "out"
+    manifest = build_shards(root, out, BuildOptions(**TINY_OPTS))
+
+    counts = manifest["bad_input"]["counts"]
+    assert set(counts) == set(BAD_KINDS)
+    assert counts == {k: 0 for k in BAD_KINDS} | {"malformed_row": 2, "bad_timestamp": 1, "unknown_item": 1, "missing_image": 1, "unreadable_image": 1}
+    assert load_manifest(out)["bad_input"] == manifest["bad_input"]
+    examples = manifest["bad_input"]["examples"]
+    for fault, (file, line, fld) in places.items():
+        kind = LEDGER_KIND.get(fault, fault)
+        where = f"{file}:{line}: field '{fld}'"
+        assert any(where in e for e in examples[kind]), (fault, where, examples[kind])
+    assert any("missing-4.jpg" in e for e in examples["missing_image"])
+    assert any("2.jpg" in e for e in examples["unreadable_image"])
+
+    # the valid neighbours are all kept: 30 clean rows, 8 items (the broken line is not an item)
+    assert manifest["counts"]["raw"] == {"users": 6, "items": 8, "interactions": 30}
+    assert manifest["counts"]["kept"] == {"users": 6, "items": 8, "interactions": 30}
+    assert manifest["counts"]["samples"] == {"train": 6 * 2, "valid": 6, "test": 6, "cold": 0}
+    # items 2 and 4 are still items, with their text but without an image
+    item_ids = json.loads((out / "item_ids.json").read_text())
+    assert item_ids == [str(i) for i in range(1, 9)]
+    store = ItemStore(out)
+    assert manifest["counts"]["images_present"] == 6 and manifest["counts"]["images_missing"] == 2
+    for i, raw_id in enumerate(item_ids):
+        assert store.text(i) == f"Item {raw_id}. Description of item {raw_id}."
+        if raw_id in ("2", "4"):
+            assert store.image(i) is None and not store.has_image(i)
+        else:
+            assert bytes(store.image(i)[0]) == raw.images[f"images/{raw_id}.jpg"]
+    headers = {json.loads(x["json"])["raw_id"]: json.loads(x["json"]) for x in shard_reader.split(out, manifest, "items")}
+    assert [r for r, h in sorted(headers.items()) if not h["has_image"]] == ["2", "4"]
+    assert "unreadable_image: 1" in manifest["bad_input_report"]
+
+    # the CLI (not strict) builds the same and prints the report
+    assert run_cli([str(root), str(tmp_path / "cli"), "--quiet", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "bad input: 6 rows/files skipped" in printed and "malformed_row: 2" in printed
+    assert all_files(tmp_path / "cli") == all_files(out)
+
+
+@pytest.mark.parametrize("fault", ALL_FAULTS)
+def test_strict_cli_exits_2_naming_file_line_and_field(fault, tiny_raw, tmp_path, capsys):
+    raw = tiny_raw(num_users=6, num_items=8)
+    (file, line, fld), = plant(raw, fault).values()
+    root = raw.write(tmp_path / "raw")
+    out = tmp_path / "out"
+    assert run_cli([str(root), str(out), "--strict", "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{file}:{line}: field '{fld}'" in err, err
+    assert LEDGER_KIND.get(fault, fault) in err
+    # nothing half-built is left behind
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    # without --strict the same input builds
+    assert run_cli([str(root), str(out), "--quiet", "--workers", "1"]) == 0
+    assert sum(load_manifest(out)["bad_input"]["counts"].values()) == 1
+
+
+def test_strict_reports_the_first_bad_input(tiny_raw, tmp_path, capsys):
+    raw = tiny_raw(num_users=6, num_items=8)
+    places = plant(raw, *ALL_FAULTS)
+    root = raw.write(tmp_path / "raw")
+    assert run_cli([str(root), str(tmp_path / "out"), "--strict", "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    file, line, fld = places["malformed_jsonl"]  # items.jsonl is read first
+    assert f"items.jsonl:{line}: field '-'" in err and err.count("\n") == 1
+
+
+# =================================================================================================
+# Determinism and replacing the output folder
+# =================================================================================================
+def tiny_for_output(tiny_raw):
+    return tiny_raw(num_users=12, num_items=10, lengths=[4 + u % 6 for u in range(12)], no_image=(5,))
+
+
+def test_two_builds_are_byte_identical(tiny_raw, tmp_path):
+    root = tiny_for_output(tiny_raw).write(tmp_path / "raw")
+    opts = BuildOptions(shard_size_mb=0.02, cold_item_fraction=0.2, **TINY_OPTS)
+    first = build_shards(root, tmp_path / "a", opts)
+    second = build_shards(root, tmp_path / "elsewhere" / "b", opts)
+    assert first == second
+    assert len(first["shards"]["train"]) > 1 and first["counts"]["samples"]["cold"] > 0
+    a, b = all_files(tmp_path / "a"), all_files(tmp_path / "elsewhere" / "b")
+    assert sorted(a) == sorted(b)
+    assert {"manifest.json", "seen.npz", "user_ids.json", "item_ids.json", "items/index.npz"} <= set(a)
+    for name in a:
+        assert a[name] == b[name], name
+
+
+def test_rebuild_in_place_replaces_everything_and_leaves_nothing_behind(tiny_raw, tmp_path):
+    root = tiny_for_output(tiny_raw).write(tmp_path / "raw")
+    out = tmp_path / "out"
+    small = build_shards(root, out, BuildOptions(shard_size_mb=0.02, **TINY_OPTS))
+    assert len(small["shards"]["train"]) > 1
+    big = build_shards(root, out, BuildOptions(**TINY_OPTS))  # same folder, fewer and bigger shards
+    assert len(big["shards"]["train"]) == 1
+    listed = {s["path"] for shards in big["shards"].values() for s in shards}
+    fixed = {MANIFEST, "seen.npz", "user_ids.json", "item_ids.json", "items/index.npz"}
+    assert set(all_files(out)) == listed | fixed  # no stale shard of the first build
+    assert load_manifest(out)["options"]["shard_size_mb"] == 256.0
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial", ".old"))]
+    assert leftovers == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+    # the same as a fresh build with those options
+    build_shards(root, tmp_path / "fresh", BuildOptions(**TINY_OPTS))
+    assert all_files(out) == all_files(tmp_path / "fresh")
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_shard_folder(tiny_raw, tmp_path, capsys):
+    root = tiny_for_output(tiny_raw).write(tmp_path / "raw")
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ShardFormatError, match="not a shard folder"):
+        build_shards(root, out, BuildOptions(**TINY_OPTS))
+    assert run_cli([str(root), str(out), "--quiet", "--workers", "1"]) == 2
+    assert "refusing" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "raw"]
+    # an empty folder is fine
+    (tmp_path / "empty").mkdir()
+    assert build_shards(root, tmp_path / "empty", BuildOptions(**TINY_OPTS))["num_users"] == 12
