@@ -52,8 +52,32 @@ class RecommenderConfig:
 
 
 @dataclass
+class SequenceConfig:
+    """The sequential task (config.task = "sequential"): SASRec or MP4SR."""
+
+    model: str = "mp4sr"  # sasrec (item ids only) | mp4sr
+    mode: str = "finetune"  # mp4sr: pretrain | finetune | joint (the item encoder trains end-to-end too)
+    features: str = "encoder"  # encoder (the item encoder's image/text embeddings) | files (tools/extract_features.py)
+    text_features: str = "minilm-text"  # feature file names under SHARDS/features/ when features = files
+    image_features: str = "effnet-image"
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    temperature: float = 0.07
+    experts: int = 8  # MoE adaptor experts per modality
+    adaptor_dropout: float = 0.2
+    mixup_max: float = 0.5  # each sequence's mixup ratio is drawn from U(0, mixup_max)
+    drop_max: float = 0.2  # each sequence's item-drop ratio is drawn from U(0, drop_max)
+    pretrained: str | None = None  # finetune: model.safetensors of a consolidated pretrain run
+    cache_refresh_steps: int = 50  # joint: history items' cached content is at most this many steps old
+
+
+@dataclass
 class ObjectiveConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"rec": 1.0, "itc": 0.1})
+    # Loss weights; each task uses the names it defines: two_tower rec, itc; sequential rec (next-item
+    # cross-entropy over all items), seq_item and seq_seq (MP4SR pre-training), itc (joint).
+    weights: dict[str, float] = field(default_factory=lambda: {"rec": 1.0, "itc": 0.1, "seq_item": 1.0, "seq_seq": 0.01})
     rec_loss: str = "softmax"  # softmax (in-batch sampled softmax) | bpr
     rec_temperature: float = 0.1
 
@@ -96,9 +120,11 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    task: str = "two_tower"  # two_tower (encoder + towers) | sequential (SASRec, MP4SR)
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -216,6 +242,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def validate(config: Config) -> None:
     """Checks that each value is allowed, naming the key."""
     choices = {
+        "task": (config.task, ("two_tower", "sequential")),
+        "sequence.model": (config.sequence.model, ("sasrec", "mp4sr")),
+        "sequence.mode": (config.sequence.mode, ("pretrain", "finetune", "joint")),
+        "sequence.features": (config.sequence.features, ("encoder", "files")),
         "encoder.paradigm": (config.encoder.paradigm, ("end_to_end", "frozen", "fine_tuned")),
         "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
@@ -235,12 +265,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if not config.recommender.user_id_embedding and config.recommender.history_pooling == "none":
         raise ConfigError("recommender: user_id_embedding=false with history_pooling=none leaves the user tower empty")
-    known_losses = ("rec", "itc")
+    known_losses = ("rec", "itc", "seq_item", "seq_seq")
     for name in config.objectives.weights:
         if name not in known_losses:
             raise ConfigError(f"objectives.weights.{name}: unknown loss (known: {list(known_losses)})")
-    if not any(config.objectives.weights.values()):
-        raise ConfigError("objectives.weights: every weight is 0; nothing would be trained")
+    if config.task == "two_tower" and not any(config.objectives.weights.get(n) for n in ("rec", "itc")):
+        raise ConfigError("objectives.weights: rec and itc are both 0; the two_tower task would train nothing")
     if config.encoder.kind not in ("clip",):
         raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip)")
     if config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:

@@ -26,7 +26,7 @@ def test_defaults_load():
     assert config.optim.betas == (0.9, 0.98)
     assert config.eval.ks == (10, 20, 50)
     assert config.encoder.pretrained is None
-    assert config.objectives.weights == {"rec": 1.0, "itc": 0.1}
+    assert config.objectives.weights == {"rec": 1.0, "itc": 0.1, "seq_item": 1.0, "seq_seq": 0.01}
 
 
 def test_parse_override_values():
@@ -166,7 +166,7 @@ def test_overriding_one_loss_weight_keeps_the_others():
     the recommendation loss silently disappears from training.
     """
     config = load_config(overrides=["objectives.weights.itc=0.5"])
-    assert config.objectives.weights == {"rec": 1.0, "itc": 0.5}
+    assert config.objectives.weights == {"rec": 1.0, "itc": 0.5, "seq_item": 1.0, "seq_seq": 0.01}
 
 
 def test_unknown_loss_name_in_weights_is_rejected():

@@ -70,7 +70,7 @@ def test_frozen_never_updates_the_encoder(shards, tmp_path):
     assert changed(first, final, "user_tower.")
     # the encoder still holds its seeded initial weights
     from mmscale.config import load_config
-    from mmscale.task import RecommendationTask
+    from mmscale.tasks.two_tower import RecommendationTask
 
     torch.manual_seed(0)
     config = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "encoder.paradigm=frozen", "objectives.weights.itc=0"])

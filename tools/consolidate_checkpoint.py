@@ -8,7 +8,7 @@ folder, or one tag folder (run/checkpoints/stepNNNNNNNN, which must carry the CO
 Runs in one process on the CPU; no process group, no launcher.
 
 DIR receives:
-    model.safetensors              the whole task's fp32 state dict (RecommendationTask.load_state_dict)
+    model.safetensors              the whole task's fp32 state dict (the task's load_state_dict)
     encoder_open_clip.safetensors  the CLIP encoder in open_clip's own layout (0-d logit_scale restored):
                                    open_clip.create_model(NAME, pretrained=PATH) or load_state_dict(strict=True)
     <arch>.json                    the open_clip architecture, when the run named one by a JSON file
@@ -52,8 +52,8 @@ from mmscale.config import Config, ConfigError, _build, _merge, parse_override, 
 from mmscale.data.format import ShardFormatError, load_manifest  # noqa: E402
 from mmscale.data.item_store import ItemStore  # noqa: E402
 from mmscale.engine import checkpoint as ckpt  # noqa: E402
-from mmscale.eval.evaluate import Collectives, encode_catalogue, item_table  # noqa: E402
-from mmscale.task import RecommendationTask  # noqa: E402
+from mmscale.eval.evaluate import Collectives, encode_catalogue  # noqa: E402
+from mmscale.tasks import build_task as build_task_for_config  # noqa: E402
 
 Log = Callable[[str], None]
 
@@ -195,7 +195,7 @@ class LoadedCheckpoint:
     info: dict
     config: Config
     manifest: dict
-    task: RecommendationTask
+    task: torch.nn.Module
     state_dict: dict[str, torch.Tensor]
     device: torch.device
     num_workers: int
@@ -218,10 +218,10 @@ class LoadedCheckpoint:
         return self._content
 
 
-def build_task(config: Config, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> tuple[RecommendationTask, dict]:
+def build_task(config: Config, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> tuple[torch.nn.Module, dict]:
     """The task of `config` (sizes from its shard manifest) holding `state_dict`, in eval mode on the CPU."""
     manifest = load_manifest(config.data.shards)
-    task = RecommendationTask(config, manifest["num_users"], manifest["num_items"])
+    task = build_task_for_config(config, manifest, config.data.shards)
     try:
         task.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -248,10 +248,9 @@ def load_task(source: str | Path, overrides: list[str] = (), device: str | torch
     device = torch.device(device)
     workers = config.data.num_workers if num_workers is None else num_workers
     loaded = LoadedCheckpoint(ref, info, config, manifest, task.to(device), state, device, workers)
-    freeze_at = getattr(task, "freeze_at_step", None)
-    if freeze_at is not None and loaded.step >= freeze_at:
-        log(f"paradigm {config.encoder.paradigm}: the encoder was frozen at step {freeze_at}; caching every item's content as the trainer did")
-        task.freeze_encoder(*loaded.catalogue_content())
+    if task.content_cache_due(loaded.step, resumed=True):
+        log(f"step {loaded.step}: the trainer had cached every item's content by then; caching it as the trainer did")
+        task.set_content_cache(*loaded.catalogue_content())
     return loaded
 
 
@@ -285,7 +284,7 @@ def open_clip_name(config: Config) -> str:
     return model.stem if model.suffix == ".json" else config.encoder.model
 
 
-def open_clip_state_dict(task: RecommendationTask) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(task: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The encoder's weights in open_clip's layout: no `encoder.clip.` prefix, 0-d parameters restored."""
     return task.encoder.open_clip_state_dict()
 
@@ -293,7 +292,8 @@ def open_clip_state_dict(task: RecommendationTask) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def item_embeddings(loaded: LoadedCheckpoint) -> torch.Tensor:
     """[num_items, embed_dim] float32 item tower outputs of the whole catalogue, row = item index."""
-    return item_table(loaded.task, *loaded.catalogue_content()).float().cpu()
+    content = loaded.catalogue_content() if loaded.task.uses_catalogue_content else None
+    return loaded.task.item_table(content).float().cpu()
 
 
 def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = (), device: str = "cpu",
@@ -312,7 +312,7 @@ def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = 
     log(f"writing model.safetensors ({len(loaded.state_dict)} tensors)")
     _save_safetensors(loaded.state_dict, out / "model.safetensors")
     files["model.safetensors"] = {
-        "what": "the whole task's fp32 state dict (mmscale.task.RecommendationTask.load_state_dict, strict)",
+        "what": "the whole task's fp32 state dict (the task's load_state_dict, strict)",
         "tensors": len(loaded.state_dict),
         "parameters": sum(v.numel() for v in loaded.state_dict.values()),
         "shapes": shapes(loaded.state_dict),

@@ -26,7 +26,7 @@ from ..data.item_store import ItemStore
 from ..data.stream import Batch, InteractionStream, make_loader
 from ..eval.evaluate import Collectives, encode_catalogue, evaluate
 from ..models import build_preprocess
-from ..task import RecommendationTask
+from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .distributed import all_reduce_sum, barrier, deepspeed, gather, init_distributed
@@ -72,8 +72,8 @@ class Trainer:
         self.shard_dir = Path(config.data.shards)
         self.preprocess = build_preprocess(config.encoder)
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        task = RecommendationTask(config, manifest["num_users"], manifest["num_items"])
-        self._check_shards_match(manifest, task)
+        task = build_task(config, manifest, self.shard_dir)
+        self._check_shards_match(manifest)
 
         cuda = self.dist.device.type == "cuda"
         self.bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
@@ -86,7 +86,7 @@ class Trainer:
             self.shard_dir, "train", config.data.batch_size, self.preprocess,
             rank=self.dist.rank, world_size=self.dist.world_size, resampled=True,
             shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed,
-            history_content=config.data.history_content, content=task.freeze_at_step != 0,
+            history_content=config.data.history_content, content=task.needs_content,
         )
         self.steps_per_epoch = self.stream.batches_per_rank() // config.optim.grad_accum
         if self.steps_per_epoch == 0:
@@ -101,7 +101,7 @@ class Trainer:
             model=task, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedules),
         )
-        self.task: RecommendationTask = self.engine.module
+        self.task = self.engine.module
         self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum)
 
         self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
@@ -111,13 +111,13 @@ class Trainer:
             self._load(*found)
         elif resume == "latest":
             self.log(f"--resume latest: no complete checkpoint in {self.checkpoint_dir}; starting from scratch")
-        if task.freeze_at_step is not None and self.step >= task.freeze_at_step:
-            self.freeze_encoder()
+        if task.content_cache_due(self.step, resumed=True):
+            self.cache_content()
         self._record_run(ds_config, manifest)
         self.monitor = Monitor(self.run_dir, self.dist.is_main)
 
     # -- setup --------------------------------------------------------------------------------------
-    def _check_shards_match(self, manifest: dict, task: RecommendationTask) -> None:
+    def _check_shards_match(self, manifest: dict) -> None:
         """A run resumed on other shards would silently mix up ids: compare with the run's record."""
         info = self.run_dir / "run_info.json"
         if info.is_file():
@@ -129,7 +129,7 @@ class Trainer:
                         f"data.shards: {self.shard_dir} has {key}={value} but run {self.run_dir} was trained with {before[key]}"
                     )
 
-    def _optimizer(self, task: RecommendationTask, ds_config: dict) -> torch.optim.Optimizer:
+    def _optimizer(self, task, ds_config: dict) -> torch.optim.Optimizer:
         groups = []
         for name, params in task.parameter_groups().items():
             part, decay = name.split("/")
@@ -177,8 +177,8 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     @torch.no_grad()
-    def freeze_encoder(self) -> None:
-        """Encodes every item once (in parallel across ranks) and hands the cache to the task."""
+    def cache_content(self) -> None:
+        """Encodes every item (in parallel across ranks) and hands the content to the task's cache."""
         store = ItemStore(self.shard_dir)
         # Under ZeRO-3 a frozen encoder's partitions are not gathered by the training hooks before
         # the first step; gather them explicitly for this one pass over the catalogue.
@@ -186,9 +186,9 @@ class Trainer:
         with gathered:
             content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
                                        self.config.eval.batch_size, self.config.data.num_workers)
-        self.task.freeze_encoder(*content)
-        self.stream.content = False  # from the next epoch on, batches need no decoded content
-        self.log(f"step {self.step}: encoder frozen, {len(content[0])} items cached")
+        self.task.set_content_cache(*content)
+        self.stream.content = self.task.needs_content  # from the next epoch on
+        self.log(f"step {self.step}: content of {len(content[0])} items cached")
 
     # -- loop ---------------------------------------------------------------------------------------
     def fit(self, batches: Iterable[Batch] | None = None, stop_at: int | None = None) -> dict:
@@ -199,7 +199,6 @@ class Trainer:
         """
         cfg = self.config.train
         source = iter(batches) if batches is not None else self._stream_batches()
-        freeze_at = self.task.freeze_at_step
         names = sorted(self.task.loss_weights)
         running = torch.zeros(len(names) + 1, device=self.dist.device)  # per-loss sums and the total
         micro, items_encoded, corrupt, data_wait, window_start = 0, 0, 0, 0.0, time.perf_counter()
@@ -227,14 +226,15 @@ class Trainer:
             self.step += 1
             self.samples_seen += self.global_batch
             progress.update(1)
-            if self.step % cfg.log_every == 0 or self.step in (end, freeze_at):
+            cache_due = self.task.content_cache_due(self.step)
+            if self.step % cfg.log_every == 0 or self.step == end or cache_due:
                 elapsed = time.perf_counter() - window_start
                 last = self._log_scalars(names, running / micro, micro, items_encoded, corrupt, data_wait, elapsed)
                 progress.set_postfix(loss=f"{last['loss/total']:.4f}")
                 running.zero_()
                 micro, items_encoded, corrupt, data_wait, window_start = 0, 0, 0, 0.0, time.perf_counter()
-            if self.step == freeze_at:  # fine_tuned: adaptation is over, the recommender phase begins
-                self.freeze_encoder()
+            if cache_due:  # e.g. fine_tuned: adaptation is over, the encoder freezes and its losses change
+                self.cache_content()
                 names = sorted(self.task.loss_weights)
                 running = torch.zeros(len(names) + 1, device=self.dist.device)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:

@@ -53,16 +53,6 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     return image, text, has_image
 
 
-@torch.no_grad()
-def item_table(task, image, text, has_image, batch_size: int = 4096) -> torch.Tensor:
-    """Item tower embeddings of the whole catalogue."""
-    ids = torch.arange(len(image), device=image.device)
-    return torch.cat([
-        task.item_embeddings(image[s : s + batch_size], text[s : s + batch_size], has_image[s : s + batch_size], ids[s : s + batch_size])
-        for s in range(0, len(ids), batch_size)
-    ])
-
-
 def _seen_mask(users: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
     starts, ends = indptr[users], indptr[users + 1]
     counts = ends - starts
@@ -87,9 +77,10 @@ def evaluate(
     was_training = task.training
     task.eval()
     stream = InteractionStream(shard_dir, "valid", config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
-    store = ItemStore(shard_dir, stream.manifest)
-    image, text, has_image = encode_catalogue(task, store, preprocess, coll, device, config.batch_size, num_workers)
-    table = item_table(task, image, text, has_image)
+    content = None
+    if task.uses_catalogue_content:
+        content = encode_catalogue(task, ItemStore(shard_dir, stream.manifest), preprocess, coll, device, config.batch_size, num_workers)
+    table = task.item_table(content)
     seen = np.load(Path(shard_dir) / "seen.npz")
     indptr, seen_items = torch.from_numpy(seen["indptr"]).to(device), torch.from_numpy(seen["items"]).to(device)
 
@@ -110,8 +101,7 @@ def evaluate(
         for start in range(0, len(share), config.batch_size):
             rows = share[start : start + config.batch_size]
             users, targets, history = all_users[rows].to(device), all_targets[rows].to(device), all_history[rows].to(device)
-            hist = task.history_embeddings(history, table)
-            scores = task.user_embeddings(users, history, hist) @ table.T
+            scores = task.user_vectors(users, history, table) @ table.T
             excluded = _seen_mask(users, indptr, seen_items, len(table)) if config.exclude_seen else None
             ranks = target_ranks(scores.float(), targets, excluded)
             w = weight[start : start + len(rows)].to(device)

@@ -1,9 +1,8 @@
-"""The recommendation task: item encoder + towers + objectives -> named losses.
+"""Two-tower recommendation: item encoder + item/user towers + recommender and image-text losses.
 
-The engine sees only `forward(batch, gather) -> {name: loss}`, `loss_weights` and
-`parameter_groups()`; it never branches on which encoder or objective runs. `gather` is
-the engine's all-gather with gradient (identity on one process): losses are computed over
-the gathered global batch, so they equal a single process's on the same global batch.
+`gather` is the engine's all-gather with gradient (identity on one process): losses are
+computed over the gathered global batch, so they equal a single process's on the same
+global batch. The methods the engine and evaluation use are described in mmscale/tasks/__init__.py.
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import Config
-from .data.stream import PAD, Batch
-from .models import build_encoder
-from .models.towers import ItemTower, UserTower
-from .objectives.contrastive import image_text_contrastive_loss
-from .objectives.recommender import bpr_loss, sampled_softmax_loss
+from . import parameter_groups
+from ..config import Config
+from ..data.stream import PAD, Batch
+from ..models import build_encoder
+from ..models.towers import ItemTower, UserTower
+from ..objectives.contrastive import image_text_contrastive_loss
+from ..objectives.recommender import bpr_loss, sampled_softmax_loss
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,12 +41,24 @@ class RecommendationTask(nn.Module):
             self.encoder.requires_grad_(False)
 
     def _configured_weights(self) -> dict[str, float]:
-        return {name: w for name, w in self.config.objectives.weights.items() if w != 0}
+        return {name: w for name, w in self.config.objectives.weights.items() if w != 0 and name in ("rec", "itc")}
 
     @property
     def freeze_at_step(self) -> int | None:
-        """The step at which the engine freezes the encoder and caches every item (None: never)."""
+        """The step at which the encoder is frozen and every item cached (None: never)."""
         return {"frozen": 0, "fine_tuned": self.config.encoder.adapt_steps}.get(self.config.encoder.paradigm)
+
+    @property
+    def needs_content(self) -> bool:
+        """Whether training batches must carry decoded images and tokens."""
+        return self.freeze_at_step != 0
+
+    uses_catalogue_content = True  # the item table is built from every item's encoded content
+
+    def content_cache_due(self, step: int, resumed: bool = False) -> bool:
+        """Whether the engine should encode the catalogue and call set_content_cache now."""
+        freeze = self.freeze_at_step
+        return freeze is not None and (step == freeze or (resumed and step >= freeze))
 
     def training_windows(self) -> dict[str, tuple[int, int | None]]:
         """[start, stop) steps in which each part (parameter-group prefix) learns; None: to the end."""
@@ -58,8 +70,8 @@ class RecommendationTask(nn.Module):
     def history_from_content(self) -> bool:
         return self.history_content or self.frozen
 
-    def freeze_encoder(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
-        """From now on items are represented by this cached content; the image-text loss stops."""
+    def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
+        """Freezes the encoder: from now on items are this cached content; the image-text loss stops."""
         self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
         self.frozen = True
         self.loss_weights = {name: w for name, w in self._configured_weights().items() if name != "itc"}
@@ -82,6 +94,18 @@ class RecommendationTask(nn.Module):
     # -- towers -----------------------------------------------------------------------------------
     def item_embeddings(self, image, text, has_image, item_ids) -> torch.Tensor:
         return self.item_tower(image, text, has_image, item_ids)
+
+    @torch.no_grad()
+    def item_table(self, content: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, chunk: int = 4096) -> torch.Tensor:
+        """Item tower embeddings of the whole catalogue from its (image, text, has_image) content."""
+        image, text, has_image = content
+        ids = torch.arange(len(image), device=image.device)
+        return torch.cat([self.item_embeddings(image[s : s + chunk], text[s : s + chunk], has_image[s : s + chunk], ids[s : s + chunk])
+                          for s in range(0, len(ids), chunk)])
+
+    def user_vectors(self, users: torch.Tensor, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Users to score against `table` (a user's score for item i is user_vector . table[i])."""
+        return self.user_embeddings(users, history, self.history_embeddings(history, table))
 
     def user_embeddings(self, users: torch.Tensor, history: torch.Tensor, history_items: torch.Tensor) -> torch.Tensor:
         """history [B, L] item ids (PAD = none); history_items [B, L, E] their embeddings."""
@@ -123,16 +147,4 @@ class RecommendationTask(nn.Module):
         return losses
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Trainable parameters by (part, decay): the engine assigns learning rates and weight decay.
-
-        No weight decay for norms, biases, embeddings and the logit scale (all < 2-d or embeddings).
-        """
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = "encoder" if name.startswith("encoder.") else "recommender"
-            decay = param.dim() >= 2 and id(param) not in embeddings and "logit_scale" not in name
-            groups.setdefault(f"{part}/{'decay' if decay else 'no_decay'}", []).append((name, param))
-        return groups
+        return parameter_groups(self)

@@ -1,0 +1,92 @@
+"""Sequence models for next-item prediction: a SASRec-style causal encoder and MP4SR's pieces.
+
+Histories are left-padded (PAD = -1) with the most recent item last, so a sequence's
+representation is always the output at the last position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CausalSequenceEncoder(nn.Module):
+    """Positional embeddings, LayerNorm and dropout, then a causal transformer (SASRec)."""
+
+    def __init__(self, hidden: int, layers: int, heads: int, dropout: float, max_len: int):
+        super().__init__()
+        self.position = nn.Embedding(max_len, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu", batch_first=True, norm_first=False)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        causal = torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def forward(self, inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """inputs [B, L, H] item vectors; valid [B, L] True at real items -> [B, H] (last position)."""
+        length = inputs.shape[1]
+        x = inputs + self.position.weight[:length]
+        x = self.dropout(self.norm(x)) * valid.unsqueeze(-1)
+        # Left padding: a padded position may attend only to itself, so no row is fully masked.
+        mask = self.causal_mask[:length, :length].unsqueeze(0) | ~valid.unsqueeze(1)
+        mask = mask & ~torch.eye(length, dtype=torch.bool, device=x.device)
+        heads = self.transformer.layers[0].self_attn.num_heads
+        out = self.transformer(x, mask=mask.repeat_interleave(heads, dim=0))
+        return out[:, -1]
+
+
+class AttentionPooling(nn.Module):
+    """Pools a set of vectors (sentence embeddings, image tokens) into one, weights from a small MLP."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """vectors [..., S, D], mask [..., S] -> [..., D]; an all-masked set pools to zeros."""
+        logits = self.score(vectors).squeeze(-1).masked_fill(~mask, torch.finfo(vectors.dtype).min)
+        weights = torch.softmax(logits, dim=-1) * mask.any(-1, keepdim=True)
+        return (weights.unsqueeze(-1) * vectors).sum(-2)
+
+
+class MoEAdaptor(nn.Module):
+    """n experts (linear + LayerNorm, dropout) mixed by a softmax gate over the input."""
+
+    def __init__(self, dim_in: int, dim_out: int, experts: int, dropout: float):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Sequential(nn.Dropout(dropout), nn.Linear(dim_in, dim_out), nn.LayerNorm(dim_out, eps=1e-12)) for _ in range(experts))
+        self.gate = nn.Linear(dim_in, experts, bias=False)
+        nn.init.zeros_(self.gate.weight)  # start as an even mixture
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.softmax(self.gate(x), dim=-1)
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)
+        return (gates.unsqueeze(-1) * outputs).sum(-2)
+
+
+def complementary_mixup(text: torch.Tensor, image: torch.Tensor, valid: torch.Tensor, ratio, draws: torch.Tensor):
+    """Swaps the two modalities at the real positions whose draw falls under the ratio.
+
+    text, image [B, L, H]; valid [B, L]; ratio a float or [B, 1] per sequence; draws [B, L]
+    uniforms. Returns (text-led, image-led) sequences: where swapped the first holds the image
+    feature and the second the text feature, elsewhere the other way round, so the two are
+    complementary at every position. Padding is never swapped; a ratio of 0 leaves both pure.
+    """
+    swap = ((draws < ratio) & valid).unsqueeze(-1)
+    return torch.where(swap, image, text), torch.where(swap, text, image)
+
+
+def random_item_drop(history: torch.Tensor, ratio, draws: torch.Tensor, pad: int = -1) -> torch.Tensor:
+    """Drops each real item whose draw falls under the ratio (the most recent is always kept)
+    and re-packs the survivors against the right edge in their order.
+
+    history [B, L] left-padded; ratio a float or [B, 1]; draws [B, L] uniforms.
+    """
+    valid = history != pad
+    keep = valid & (draws >= ratio)
+    keep[:, -1] = valid[:, -1]
+    # A stable sort puts dropped and padding positions first and the survivors after them, in order.
+    order = torch.sort(keep.int(), dim=1, stable=True).indices
+    return torch.where(keep.gather(1, order), history.gather(1, order), torch.full_like(history, pad))

@@ -1,0 +1,238 @@
+"""Sequential recommendation: SASRec (item ids) and MP4SR (multimodal mixup sequence encoder).
+
+MP4SR modes:
+  pretrain  sequence-to-item and sequence-to-sequence contrastive losses on mixed sequences, no ids
+  finetune  next-item cross-entropy over all items; item ids added to the input and the item side
+  joint     both, with the item encoder trained end-to-end (features = encoder only)
+
+Item features come from the item encoder (CLIP's image and text embeddings: one vector per
+modality, cached when the encoder is frozen; in joint mode the batch's items are encoded fresh
+and the others read from a cache refreshed every `sequence.cache_refresh_steps`) or from feature
+files written by tools/extract_features.py (sets of vectors, pooled by a trained attention layer).
+
+The adaptors run once per item of the catalogue each step, never per sequence position.
+Random draws (mixup, item drop) are hashed from (user, target, forward count), so a sample gets
+the same draws whichever rank it lands on: several ranks reproduce one process exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import parameter_groups
+from ..config import Config, ConfigError
+from ..data.stream import PAD, Batch
+from ..models import build_encoder
+from ..models.sequence import AttentionPooling, CausalSequenceEncoder, MoEAdaptor, complementary_mixup, random_item_drop
+from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
+from ..objectives.contrastive import image_text_contrastive_loss
+
+MODE_LOSSES = {"sasrec": ("rec",), "pretrain": ("seq_item", "seq_seq"), "finetune": ("rec",), "joint": ("rec", "seq_item", "seq_seq", "itc")}
+
+
+def hashed_uniform(*keys: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) numbers that depend only on the integer keys (broadcast together)."""
+    x = torch.zeros((), dtype=torch.int64)
+    for i, key in enumerate(keys):
+        x = x * 1000003 + key.to(torch.int64) + 7919 * (i + 1)
+    x = x & 0xFFFFFFFF
+    for _ in range(3):  # integer mixing rounds (xorshift-multiply), kept within 32 bits
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x ^ (x >> 16)).to(torch.float64) / 2**32
+
+
+class SequentialTask(nn.Module):
+    def __init__(self, config: Config, manifest: dict, shard_dir: str | Path):
+        super().__init__()
+        self.config = config
+        seq = config.sequence
+        self.mode = "sasrec" if seq.model == "sasrec" else seq.mode
+        self.loss_weights = {n: w for n, w in config.objectives.weights.items() if n in MODE_LOSSES[self.mode] and w}
+        if not self.loss_weights:
+            raise ConfigError(f"objectives.weights: none of {list(MODE_LOSSES[self.mode])} (the losses of {self.mode}) is non-zero")
+        num_items, hidden = manifest["num_items"], seq.hidden
+        self.from_encoder = self.mode != "sasrec" and seq.features == "encoder"
+        if self.mode == "joint" and not self.from_encoder:
+            raise ConfigError("sequence.features: joint mode trains the item encoder; it needs features = encoder")
+        self.encoder = build_encoder(config.encoder) if self.from_encoder else None
+        if self.encoder is not None and self.mode != "joint":
+            self.encoder.requires_grad_(False)  # pretrain/finetune read cached encoder features
+        self.register_buffer("content_cache", torch.empty(0), persistent=False)
+        if self.mode != "sasrec":
+            if self.from_encoder:
+                text_dim = image_dim = self.encoder.embed_dim
+            else:
+                text_dim, image_dim = self._load_feature_files(shard_dir)
+            self.text_adaptor = MoEAdaptor(text_dim, hidden, seq.experts, seq.adaptor_dropout)
+            self.image_adaptor = MoEAdaptor(image_dim, hidden, seq.experts, seq.adaptor_dropout)
+        self.item_id = nn.Embedding(num_items, hidden) if self.mode != "pretrain" else None
+        if self.item_id is not None:
+            nn.init.normal_(self.item_id.weight, std=0.02)
+        # Cold-start items never appear in training: they have no id vector and are scored by content alone.
+        has_id = torch.ones(num_items, 1)
+        has_id[manifest.get("cold_items", [])] = 0.0
+        self.register_buffer("has_id", has_id, persistent=False)
+        self.sequence = CausalSequenceEncoder(hidden, seq.layers, seq.heads, seq.dropout, manifest["max_history"])
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
+        if seq.pretrained:
+            self._load_pretrained(seq.pretrained)
+
+    def _load_feature_files(self, shard_dir) -> tuple[int, int]:
+        from ..data.features import FeatureFileError, load_features
+
+        dims = []
+        for modality, name in (("text", self.config.sequence.text_features), ("image", self.config.sequence.image_features)):
+            try:
+                tensors, _ = load_features(shard_dir, name)
+            except FeatureFileError as e:
+                raise ConfigError(f"sequence.{modality}_features: {e}") from e
+            vectors = torch.from_numpy(tensors["vectors"]).float()
+            self.register_buffer(f"{modality}_vectors", vectors, persistent=False)
+            self.register_buffer(f"{modality}_mask", torch.from_numpy(tensors["mask"]).bool(), persistent=False)
+            setattr(self, f"{modality}_pool", AttentionPooling(vectors.shape[-1], self.config.sequence.hidden))
+            dims.append(vectors.shape[-1])
+        return dims[0], dims[1]
+
+    def _load_pretrained(self, path: str) -> None:
+        """Everything a pre-training run learnt (adaptors, pooling, sequence encoder); ids start fresh."""
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise ConfigError(f"sequence.pretrained: {path} does not exist (consolidate the pretrain run first)")
+        state = {k: v for k, v in load_file(path).items() if not k.startswith("item_id.")}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("item_id.")]
+        if missing or unexpected:
+            raise ConfigError(f"sequence.pretrained: {path} does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    # -- the engine's view (see mmscale/tasks/__init__.py) ------------------------------------------------
+    @property
+    def needs_content(self) -> bool:
+        return self.mode == "joint"
+
+    @property
+    def uses_catalogue_content(self) -> bool:
+        return self.from_encoder
+
+    def content_cache_due(self, step: int, resumed: bool = False) -> bool:
+        if not self.from_encoder:
+            return False
+        if self.mode == "joint":  # refresh: the cache is never more than cache_refresh_steps old
+            return resumed or step % self.config.sequence.cache_refresh_steps == 0
+        return step == 0 or resumed
+
+    def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
+        self.content_cache = torch.cat([text, image * has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
+
+    def training_windows(self) -> dict[str, tuple[int, int | None]]:
+        return {"encoder": (0, None), "recommender": (0, None)}
+
+    def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(images, text_tokens)
+
+    # -- item features ---------------------------------------------------------------------------------
+    def _raw_features(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item's (text, image) features before the adaptors, [N, Dt] and [N, Di]."""
+        if not self.from_encoder:
+            return self.text_pool(self.text_vectors, self.text_mask), self.image_pool(self.image_vectors, self.image_mask)
+        d = self.encoder.embed_dim
+        text, image = self.content_cache[:, :d], self.content_cache[:, d:]
+        if batch is not None and self.mode == "joint":  # this batch's items fresh, with gradient
+            fresh_image, fresh_text = self.encode_content(batch.images, batch.text_tokens)
+            fresh_image = fresh_image * batch.has_image.unsqueeze(-1).to(fresh_image.dtype)
+            text = text.index_put((batch.item_ids,), fresh_text)
+            image = image.index_put((batch.item_ids,), fresh_image)
+        return text, image
+
+    def _adapted(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        text, image = self._raw_features(batch)
+        return self.text_adaptor(text), self.image_adaptor(image)
+
+    def _with_ids(self, table: torch.Tensor) -> torch.Tensor:
+        return table if self.item_id is None else table + self.item_id.weight * self.has_id
+
+    def _encode(self, inputs: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.sequence(inputs, history != PAD), dim=-1)
+
+    def _next_item_logits(self, text_seq, image_seq, text_items, image_items) -> torch.Tensor:
+        """Each modality's sequence against that modality's item table, summed."""
+        logits = text_seq @ F.normalize(text_items, dim=-1).T
+        if image_seq is not None:
+            logits = logits + image_seq @ F.normalize(image_items, dim=-1).T
+        return logits / self.config.sequence.temperature
+
+    # -- training ----------------------------------------------------------------------------------------
+    def forward(self, batch: Batch, gather) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.draws += 1
+        history, index = batch.history, batch.history.clamp(min=0)
+        all_targets = gather(batch.targets)
+        tau = self.config.sequence.temperature
+        losses = {}
+        if self.mode == "sasrec":
+            seq = self._encode(self.item_id(index), history)
+            losses["rec"] = F.cross_entropy(self._next_item_logits(gather(seq), None, self.item_id.weight, None), all_targets)
+            return losses
+        text, image = self._adapted(batch)
+        if "rec" in self.loss_weights:
+            text_seq = self._encode(text[index] + self.item_id(index), history)
+            image_seq = self._encode(image[index] + self.item_id(index), history)
+            logits = self._next_item_logits(gather(text_seq), gather(image_seq), self._with_ids(text), self._with_ids(image))
+            losses["rec"] = F.cross_entropy(logits, all_targets)
+        if "seq_item" in self.loss_weights or "seq_seq" in self.loss_weights:
+            text_led, image_led, kept = self._mixed_sequences(batch, text, image)
+            text_led, image_led = gather(self._encode(text_led, kept)), gather(self._encode(image_led, kept))
+            target_text, target_image = gather(F.normalize(text[batch.targets], dim=-1)), gather(F.normalize(image[batch.targets], dim=-1))
+            if "seq_item" in self.loss_weights:
+                losses["seq_item"] = sequence_item_loss(text_led, target_text, all_targets, tau) + sequence_item_loss(image_led, target_image, all_targets, tau)
+            if "seq_seq" in self.loss_weights:
+                losses["seq_seq"] = sequence_sequence_loss(text_led, image_led, all_targets, tau)
+        if "itc" in self.loss_weights:
+            image_emb, text_emb = self.encode_content(batch.images, batch.text_tokens)
+            slots = batch.target_slots
+            losses["itc"] = image_text_contrastive_loss(gather(image_emb[slots]), gather(text_emb[slots]), all_targets,
+                                                        gather(batch.has_image[slots]), self.encoder.logit_scale)
+        return losses
+
+    def _mixed_sequences(self, batch: Batch, text: torch.Tensor, image: torch.Tensor):
+        """Item drop, then complementary mixup, with per-sequence ratios and per-position draws hashed from the sample."""
+        seq = self.config.sequence
+        users, targets = batch.users.unsqueeze(1), batch.targets.unsqueeze(1)
+        positions = torch.arange(batch.history.shape[1], device=users.device).unsqueeze(0)
+        draw = self.draws.to(users.device)
+        drop_ratio = seq.drop_max * hashed_uniform(users, targets, draw, torch.tensor(1))
+        drop_draws = hashed_uniform(users, targets, draw, torch.tensor(2), positions)
+        kept = random_item_drop(batch.history, drop_ratio, draws=drop_draws)
+        mix_ratio = seq.mixup_max * hashed_uniform(users, targets, draw, torch.tensor(3))
+        mix_draws = hashed_uniform(users, targets, draw, torch.tensor(4), positions)
+        index = kept.clamp(min=0)
+        text_led, image_led = complementary_mixup(text[index], image[index], kept != PAD, mix_ratio, draws=mix_draws)
+        return text_led, image_led, kept
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def item_table(self, content) -> torch.Tensor:
+        """[N, 2H]: each modality's item vectors side by side (ids added), normalised per modality."""
+        if self.mode == "sasrec":
+            return F.normalize(self.item_id.weight, dim=-1)
+        if content is not None:
+            self.set_content_cache(*content)
+        text, image = self._adapted(None)
+        return torch.cat([F.normalize(self._with_ids(text), dim=-1), F.normalize(self._with_ids(image), dim=-1)], dim=-1)
+
+    @torch.no_grad()
+    def user_vectors(self, users: torch.Tensor, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[B, 2H]: the text-led and image-led sequence representations, so user . table sums the modalities."""
+        index = history.clamp(min=0)
+        if self.mode == "sasrec":
+            return self._encode(self.item_id(index), history)
+        text, image = self._adapted(None)
+        ids = self.item_id(index) if self.item_id is not None else 0
+        return torch.cat([self._encode(text[index] + ids, history), self._encode(image[index] + ids, history)], dim=-1)
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        return parameter_groups(self)
