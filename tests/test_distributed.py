@@ -69,6 +69,31 @@ def test_two_ranks_match_one_process(stage, world_shards, one_process_losses, tm
     assert abs(two[2]["loss/total"] - two[0]["loss/total"]) > 1e-3
 
 
+JOINT_MP4SR = ["task=sequential", "sequence.mode=joint", "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0",
+               "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}"]
+
+
+@pytest.fixture(scope="module")
+def one_process_joint_losses(world_shards, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("single-joint")
+    run([sys.executable, str(WORKER), "--shards", str(world_shards), "--run-dir", str(out / "run"), "--out", str(out / "losses.json")]
+        + [a for o in JOINT_MP4SR for a in ("--set", o)], threads=2)
+    return losses(out / "losses.json")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_mp4sr_joint_two_ranks_match_one_process(stage, world_shards, one_process_joint_losses, tmp_path):
+    """MP4SR joint mode (tiny CLIP end-to-end, mixup and item drop on): two ranks equal one process."""
+    run(deepspeed_cmd(2) + [str(WORKER), "--shards", str(world_shards), "--run-dir", str(tmp_path / "run"),
+                            "--out", str(tmp_path / "losses.json"), "--zero-stage", str(stage)]
+        + [a for o in JOINT_MP4SR for a in ("--set", o)], threads=1)
+    two = losses(tmp_path / "losses.json")
+    assert [e["step"] for e in two] == [e["step"] for e in one_process_joint_losses] == [1, 2, 3]
+    for a, b in zip(one_process_joint_losses, two):
+        for name in ("loss/rec", "loss/seq_item", "loss/seq_seq", "loss/itc", "loss/total"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (stage, a["step"], name)
+
+
 def test_resume_continues_the_same_run(world_shards, tmp_path):
     common = [sys.executable, str(REPO / "launch/train.py"),
               "--set", f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", "--set", f"data.shards={world_shards}",
