@@ -32,8 +32,10 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    kind: str = "clip"  # which item encoder (see mmscale.models.build_encoder)
-    model: str = "ViT-B-32"  # open_clip model name, or a path to an architecture JSON
+    kind: str = "clip"  # clip | vlmo (see mmscale.models.build_encoder)
+    # clip: an open_clip model name or architecture JSON; vlmo: a VLMo JSON or vlmo-tiny|base|large
+    model: str = "ViT-B-32"
+    tokenizer: str | None = None  # vlmo: a local tokenizer.json / vocab.txt / folder (else the VLMo JSON's)
     pretrained: str | None = None  # local checkpoint path; nothing is downloaded
     grad_checkpointing: bool = False
     # end_to_end: recommender gradients flow into the encoder; frozen: every item encoded once and
@@ -271,8 +273,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"objectives.weights.{name}: unknown loss (known: {list(known_losses)})")
     if config.task == "two_tower" and not any(config.objectives.weights.get(n) for n in ("rec", "itc")):
         raise ConfigError("objectives.weights: rec and itc are both 0; the two_tower task would train nothing")
-    if config.encoder.kind not in ("clip",):
-        raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip)")
+    if config.encoder.kind not in ("clip", "vlmo"):
+        raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip, vlmo)")
     if config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
         raise ConfigError("objectives.weights.itc: the frozen paradigm does not train the encoder; set it to 0")
     if config.encoder.paradigm == "fine_tuned" and not config.objectives.weights.get("rec"):

@@ -319,7 +319,7 @@ def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = 
     }
 
     open_clip_info = None
-    if config.encoder.kind == "clip":
+    if config.encoder.kind == "clip" and getattr(loaded.task, "encoder", None) is not None:
         name = open_clip_name(config)
         encoder_state = open_clip_state_dict(loaded.task)
         log(f"writing encoder_open_clip.safetensors (open_clip '{name}', {len(encoder_state)} tensors)")
@@ -336,7 +336,7 @@ def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = 
             files[arch.name] = {"what": f"the open_clip architecture: open_clip.add_model_config(<this file>) registers '{name}'"}
             open_clip_info["architecture_file"] = arch.name
     else:
-        log(f"encoder.kind={config.encoder.kind}: no open_clip export")
+        log("no CLIP encoder in this task: no open_clip export")
 
     log(f"encoding the catalogue ({loaded.manifest['num_items']} items) for item_embeddings.safetensors")
     table = item_embeddings(loaded)
@@ -363,8 +363,9 @@ def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = 
             "precision": info["precision"], "deepspeed_version": info["deepspeed_version"],
         },
         "zero_stage": info["zero_stage"],
-        "model": {"encoder_kind": config.encoder.kind, "encoder_model": config.encoder.model, "open_clip": open_clip_info,
-                  "encoder_embed_dim": loaded.task.encoder.embed_dim, "embed_dim": config.recommender.embed_dim},
+        "model": {"task": config.task, "encoder_kind": config.encoder.kind, "encoder_model": config.encoder.model,
+                  "open_clip": open_clip_info, "embed_dim": int(table.shape[1]),
+                  "encoder_embed_dim": loaded.task.encoder.embed_dim if getattr(loaded.task, "encoder", None) is not None else None},
         "num_items": loaded.manifest["num_items"],
         "num_users": loaded.manifest["num_users"],
         "shards": str(loaded.shard_dir),

@@ -12,7 +12,11 @@ def build_encoder(config: EncoderConfig) -> ItemEncoder:
         from .clip import CLIPEncoder
 
         return CLIPEncoder(config.model, config.pretrained, config.grad_checkpointing)
-    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")
+    if config.kind == "vlmo":
+        from .vlmo import VLMoEncoder
+
+        return VLMoEncoder(config.model, config.pretrained, config.grad_checkpointing, tokenizer=config.tokenizer)
+    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip, vlmo)")
 
 
 def build_preprocess(config: EncoderConfig) -> ItemPreprocess:
@@ -21,4 +25,8 @@ def build_preprocess(config: EncoderConfig) -> ItemPreprocess:
         from .clip import clip_preprocess
 
         return clip_preprocess(config.model)
-    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip)")
+    if config.kind == "vlmo":
+        from .vlmo import vlmo_preprocess
+
+        return vlmo_preprocess(config.model, config.tokenizer)
+    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip, vlmo)")
