@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+"""Training throughput against open_clip_train, the joint objective's cost, per-rank memory by ZeRO stage.
+
+    python tools/bench_train.py --shards SHARD_DIR [--model configs/models/clip-tiny.json | ViT-B-32]
+        [--batch-size 64] [--steps 30] [--warmup 10] [--window 5] [--ranks 1] [--repeats 1]
+        [--skip-peer] [--skip-memory] [--memory-model ViT-B-32]
+    python tools/bench_train.py --setup-peer        (only create the open_clip_train environment)
+
+1. CLIP contrastive alone: mmscale (`objectives.weights={rec: 0, itc: 1}`) and open_clip_train on
+   the same train shards, model, per-rank batch, ranks, workers and precision (fp32), no pretrained
+   weights, the same AdamW settings, run back to back (alternating when --repeats > 1).
+2. The joint objective ({rec: 1, itc: 1}) against CLIP alone, mmscale only: the step cost ratio.
+3. Resident memory per rank for ZeRO stages 0-3 on 2 ranks (or --ranks), joint objective, batch 8,
+   next to the ZeRO paper's model-state formulas for mixed-precision Adam (16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N,
+   16Ψ/N bytes) and their fp32 equivalent under DeepSpeed; --memory-model ViT-B-32 (151M parameters)
+   makes the model states stand out from the runtime's ~1 GB.
+
+Throughput is measured in logging windows of --window steps after --warmup steps: mmscale's
+`perf/samples_per_s` from RUN/metrics.jsonl, open_clip_train's `Batch (t)` window averages from its
+out.log. Windows are pooled over --repeats; the median and the best window are reported (the best
+is the least disturbed by other processes on a shared machine). The headline ratio mmscale /
+open_clip_train is printed last.
+
+open_clip_train runs in its own virtual environment (default build/openclip-venv): torch and
+torchvision at the project's pins (constraints.txt), open_clip_torch, webdataset 0.2.86, pandas,
+braceexpand, fsspec. It is created on first use (about a minute from the local package index).
+An architecture JSON is handed to open_clip_train as a `local-dir:` model folder; it runs through
+tools/_bench_common.py, which lets its DistributedDataParallel wrap a CPU model (see there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "launch" / "train.py"
+OPEN_CLIP_TRAIN = REPO / "tools" / "_bench_common.py"  # open_clip_train.main, able to run on several CPU ranks
+CLIP_ALONE = {"rec": 0, "itc": 1}
+JOINT = {"rec": 1, "itc": 1}
+MEMORY_STEPS = 3  # measured after a first step (Adam's state exists from then on)
+MEMORY_BATCH = 8  # per rank: small activations, so model states dominate what differs between stages
+# Per-rank bytes of model states per parameter, (replicated, partitioned over N ranks), by ZeRO stage.
+# Mixed precision (ZeRO paper): 2 fp16 params + 2 fp16 grads + 12 optimizer (fp32 master, Adam m, v).
+MIXED = {0: (16, 0), 1: (4, 12), 2: (2, 14), 3: (0, 16)}
+# fp32 under DeepSpeed: 4 params + 4 grads + 8 Adam m, v; stages 1 and 2 also keep an fp32 clone of
+# the rank's parameter partition (single_partition_of_fp32_groups, +4/N); stage 0 steps the torch
+# optimizer on the parameters and stage 3 shares the fp32 partition, so neither has a copy.
+FP32_DEEPSPEED = {0: (16, 0), 1: (8, 12), 2: (4, 16), 3: (0, 16)}
+MIXED_TEXT = {0: "16Ψ", 1: "4Ψ+12Ψ/N", 2: "2Ψ+14Ψ/N", 3: "16Ψ/N"}
+FP32_TEXT = {0: "16Ψ", 1: "8Ψ+12Ψ/N", 2: "4Ψ+16Ψ/N", 3: "16Ψ/N"}
+PEER_PACKAGES = ["open_clip_torch", "webdataset==0.2.86", "pandas", "braceexpand", "fsspec"]
+OPEN_CLIP_LOG_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\s*\d+ .*?\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)")
+
+
+@dataclass
+class Memory:
+    """Bytes per local rank: the largest RSS during training steps, and the peak (VmHWM) of the whole run."""
+
+    training: dict[int, int]
+    peak: dict[int, int]
+
+
+@dataclass
+class Run:
+    """One training run: its measured logging windows (and its ranks' memory, if watched)."""
+
+    windows: list[tuple[int, int, float, float]]  # (first step, last step, seconds, data-wait seconds)
+    global_batch: int
+    load: float  # 1-minute load average when the run started
+    memory: Memory | None = None
+    parameters: int | None = None
+
+
+@dataclass
+class Throughput:
+    """Window statistics pooled over runs: on a shared machine the median shows the typical cost and
+    the best window the cost with the least interference from other processes."""
+
+    rates: list[float]  # samples/s of each window
+    data_wait: float  # fraction of all measured time spent waiting for batches
+    global_batch: int
+    loads: list[float]
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> Throughput:
+        windows = [w for run in runs for w in run.windows]
+        rates = [(last - first + 1) * runs[0].global_batch / seconds for first, last, seconds, _ in windows]
+        wait = sum(w[3] for w in windows) / sum(w[2] for w in windows)
+        return cls(rates, wait, runs[0].global_batch, [run.load for run in runs])
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def best(self) -> float:
+        return max(self.rates)
+
+    def ms_per_step(self, rate: float) -> float:
+        return 1000 * self.global_batch / rate
+
+
+# -- processes ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(ranks: int) -> dict:
+    """No launcher variables leak in; each rank gets its share of the cores; mmscale importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def is_rank(cmdline: list[str]) -> bool:
+    """A rank runs launch/train.py as the first non-flag argument after the interpreter; the launchers
+    (deepspeed, deepspeed.launcher.launch) run something else first and name the script later."""
+    args = [a for a in cmdline[1:] if not a.startswith("-")]
+    return bool(args) and Path(args[0]) == TRAIN_SCRIPT
+
+
+def local_rank(cmdline: list[str]) -> int:
+    for arg in cmdline:
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            return int(arg.split("=", 1)[1])
+    return 0
+
+
+def memory_status(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of one process, in bytes; dataloader workers are separate processes."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+
+
+class RankMemoryWatch:
+    """Polls the rank processes under a launcher: each local rank's largest RSS while `in_training()`
+    (steady state: after the first optimizer steps, before the final checkpoint) and its peak (VmHWM,
+    which includes start-up and the final checkpoint)."""
+
+    def __init__(self, root_pid: int, in_training: Callable[[], bool], interval_s: float = 0.05):
+        self.root, self.in_training, self.interval_s = psutil.Process(root_pid), in_training, interval_s
+        self.training: dict[int, int] = {}
+        self.peak: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.interval_s):
+            training = self.in_training()
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in procs:
+                try:
+                    cmdline, parent = proc.cmdline(), proc.parent()
+                    if not is_rank(cmdline) or (parent is not None and parent.cmdline() == cmdline):
+                        continue  # a launcher, or a dataloader worker forked from a rank
+                    rank, status = local_rank(cmdline), memory_status(proc.pid)
+                except (psutil.Error, OSError):
+                    continue  # exited between listing and reading
+                self.peak[rank] = max(self.peak.get(rank, 0), status["VmHWM"])
+                if training:
+                    self.training[rank] = max(self.training.get(rank, 0), status["VmRSS"])
+
+    def stop(self) -> Memory:
+        self._done.set()
+        self._thread.join()
+        return Memory(dict(sorted(self.training.items())), dict(sorted(self.peak.items())))
+
+
+def run_logged(cmd: list[str], env: dict, log: Path, watch: Callable[[int], RankMemoryWatch] | None = None,
+               cwd: Path = REPO) -> Memory | None:
+    """Runs a training command to completion (output to `log`); returns its ranks' memory if watched."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        watcher = watch(proc.pid) if watch else None
+        code = proc.wait()
+        memory = watcher.stop() if watcher else None
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"bench_train: failed ({code}): {' '.join(cmd)}\n{tail}")
+    return memory
+
+
+def after_warmup(windows: list[tuple[int, int, float, float]], warmup: int) -> list[tuple[int, int, float, float]]:
+    kept = [w for w in windows if w[0] > warmup]
+    if not kept:
+        raise SystemExit(f"bench_train: no logging window after the {warmup} warm-up steps; raise --steps")
+    return kept
+
+
+# -- mmscale ------------------------------------------------------------------------------------------
+def deepspeed_config(stage: int, work: Path) -> Path:
+    """ds_configs/zeroK.json; stage 0 (plain data parallel) has no file there, so one is written."""
+    if stage:
+        return REPO / "ds_configs" / f"zero{stage}.json"
+    path = work / "zero0.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    return path
+
+
+def logged_windows(metrics: Path, global_batch: int) -> list[tuple[int, int, float, float]]:
+    """mmscale's logging windows so far: (first step, last step, seconds, data-wait seconds)."""
+    windows, previous = [], 0
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    for row in map(json.loads, lines):
+        if "perf/samples_per_s" in row:
+            seconds = (row["step"] - previous) * global_batch / row["perf/samples_per_s"]
+            windows.append((previous + 1, row["step"], seconds, seconds * row["perf/data_wait_fraction"]))
+            previous = row["step"]
+    return windows
+
+
+def run_mmscale(args, work: Path, name: str, *, weights: dict, stage: int, ranks: int, model: str,
+                batch_size: int, warmup: int, steps: int, window: int, watch_memory: bool = False) -> Run:
+    """launch/train.py on the demo recipe with these overrides, logging every `window` steps."""
+    run_dir, total = work / name, warmup + steps
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to
+    overrides = {
+        "data.shards": args.shards, "encoder.model": model, "data.batch_size": batch_size,
+        "data.num_workers": args.workers, "objectives.weights": json.dumps(weights),
+        "optim.lr_encoder": args.lr, "optim.warmup_steps": warmup,
+        "train.run_dir": run_dir, "train.deepspeed_config": deepspeed_config(stage, work),
+        "train.max_steps": total, "train.log_every": window, "train.precision": "fp32", "eval.splits": "[]",
+    }
+    sets = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
+    if ranks == 1:
+        launcher = [sys.executable]
+    else:
+        launcher = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed",
+                    "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    metrics, global_batch = run_dir / "metrics.jsonl", batch_size * ranks
+
+    def in_training() -> bool:  # between the first logged window and the last step (then: checkpoint)
+        windows = logged_windows(metrics, global_batch)
+        return bool(windows) and windows[-1][1] < total
+
+    load = os.getloadavg()[0]
+    env, watch = rank_env(ranks), None
+    if watch_memory:
+        # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so RSS would not drop when
+        # DeepSpeed frees the replicated copies; a fixed 64 KiB threshold returns freed tensors to the system.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+        watch = lambda pid: RankMemoryWatch(pid, in_training)  # noqa: E731
+    memory = run_logged(launcher + [str(TRAIN_SCRIPT), "--config", str(REPO / "configs/demo.yaml"), *sets],
+                        env, work / f"{name}.log", watch)
+    if memory is not None and not memory.training:
+        raise SystemExit(f"bench_train: {name}: no memory sample fell within the training steps (too quick to catch)")
+    parameters = json.loads((run_dir / "run_info.json").read_text())["derived"]["parameters"]
+    windows = after_warmup(logged_windows(metrics, global_batch), warmup)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return Run(windows, global_batch, load, memory, parameters if isinstance(parameters, int) else None)
+
+
+# -- open_clip_train ------------------------------------------------------------------------------------
+def peer_ready(python: Path) -> bool:
+    return python.is_file() and subprocess.run([str(python), "-c", "import open_clip_train.main, webdataset"],
+                                               capture_output=True).returncode == 0
+
+
+def setup_peer(venv: Path) -> Path:
+    """open_clip_train's own environment: the project's torch pins, webdataset 0.2.86 (not the project's)."""
+    python = venv / "bin" / "python"
+    if peer_ready(python):
+        return python
+    print(f"creating {venv} for open_clip_train (torch, open_clip_torch, webdataset 0.2.86)...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pins = [line for line in (REPO / "constraints.txt").read_text().splitlines() if not line.lower().startswith("webdataset==")]
+    constraints = venv / "constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--constraint", str(constraints)]
+    subprocess.run(pip + ["torch", "torchvision"], check=True)
+    subprocess.run(pip + PEER_PACKAGES, check=True)
+    if not peer_ready(python):
+        raise SystemExit(f"bench_train: {python} cannot import open_clip_train.main after the install")
+    return python
+
+
+def torch_device() -> str:
+    """Where open_clip_train runs: where mmscale does (CUDA when there is one)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_clip_model(model: str, work: Path) -> str:
+    """A model name as is; an architecture JSON as a `local-dir:` folder holding open_clip_config.json."""
+    path = Path(model)
+    if path.suffix != ".json":
+        return model
+    folder = work / f"open_clip-{path.stem}"
+    folder.mkdir(exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(path.read_text()), "preprocess_cfg": {}}))
+    return f"local-dir:{folder}"
+
+
+def run_open_clip(args, python: Path, work: Path, name: str) -> Run:
+    manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
+    shards = "::".join(str(Path(args.shards) / s["path"]) for s in manifest["shards"]["train"])
+    # Its logs go to ./logs/NAME: run in `work`, as torchrun's parser takes --logs for an ambiguous --logs-specs.
+    logs = work / "logs" / name
+    shutil.rmtree(logs, ignore_errors=True)  # open_clip_train refuses an existing experiment, exiting 0
+    global_batch = args.batch_size * args.ranks
+    # Its first log line covers batch 1 alone, the next batches 2..window+1, and so on. The epoch runs one
+    # window past the measured ones: in its last batches the dataloader workers have stopped decoding
+    # ahead, which frees the cores and would flatter the final window.
+    measured_end = args.warmup + 1 + args.steps
+    train = [
+        "--train-data", shards, "--dataset-type", "webdataset", "--dataset-resampled",
+        "--train-num-samples", str((measured_end + args.window) * global_batch), "--epochs", "1",
+        "--model", open_clip_model(args.model, work), "--batch-size", str(args.batch_size),
+        "--workers", str(args.workers), "--precision", "fp32", "--device", torch_device(),
+        "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.98",
+        "--eps", "1e-6", "--grad-clip-norm", "1.0", "--gather-with-grad", "--seed", "0",
+        "--log-every-n-steps", str(args.window), "--name", name,
+    ]
+    if args.ranks == 1:
+        launcher = [str(python), str(OPEN_CLIP_TRAIN)]
+    else:
+        launcher = [str(python), "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
+                    "--master_port", str(free_port()), str(OPEN_CLIP_TRAIN)]
+    load = os.getloadavg()[0]
+    run_logged(launcher + train, rank_env(args.ranks), work / f"{name}.stdout", cwd=work)
+    windows, previous = [], 0
+    for match in OPEN_CLIP_LOG_LINE.finditer((logs / "out.log").read_text()):
+        done = int(match[1]) // global_batch  # batches finished when the line was written
+        data_avg, batch_avg = float(match[2]), float(match[3])  # window averages, s per batch
+        windows.append((previous + 1, done, batch_avg * (done - previous), data_avg * (done - previous)))
+        previous = done
+    shutil.rmtree(logs / "checkpoints", ignore_errors=True)
+    return Run(after_warmup([w for w in windows if w[1] <= measured_end], args.warmup), global_batch, load)
+
+
+# -- sections -----------------------------------------------------------------------------------------
+def throughput_header() -> str:
+    return (f"{'':22} {'samples/s median':>16} {'best':>7} {'ms/step median':>14} {'best':>7} {'windows':>7} "
+            f"{'data wait':>9}  load(1m) at start")
+
+
+def throughput_row(label: str, t: Throughput) -> str:
+    return (f"{label:22} {t.median:16.1f} {t.best:7.1f} {t.ms_per_step(t.median):14.1f} {t.ms_per_step(t.best):7.1f} "
+            f"{len(t.rates):7d} {t.data_wait:9.1%}  {', '.join(f'{x:.2f}' for x in t.loads)}")
+
+
+def compare(args, work: Path, peer: Path | None) -> tuple[Throughput, Throughput | None, Throughput]:
+    """CLIP alone (mmscale, then open_clip_train), then the joint objective, alternating per repeat."""
+    clip, peer_runs, joint = [], [], []
+    setting = dict(stage=args.zero_stage, ranks=args.ranks, model=args.model, batch_size=args.batch_size,
+                   warmup=args.warmup, steps=args.steps, window=args.window)
+    for i in range(args.repeats):
+        clip.append(run_mmscale(args, work, f"mmscale-itc-{i}", weights=CLIP_ALONE, **setting))
+        if peer is not None:
+            peer_runs.append(run_open_clip(args, peer, work, f"open_clip-{i}"))
+        joint.append(run_mmscale(args, work, f"mmscale-joint-{i}", weights=JOINT, **setting))
+    return Throughput.of(clip), Throughput.of(peer_runs) if peer_runs else None, Throughput.of(joint)
+
+
+def print_throughput(args, clip: Throughput, peer: Throughput | None, joint: Throughput) -> None:
+    setting = (f"model {args.model}, batch {args.batch_size}/rank x {args.ranks} rank(s), fp32, workers {args.workers}, "
+               f"{args.steps} steps after {args.warmup} in windows of {args.window}, x {args.repeats}, "
+               f"mmscale ZeRO-{args.zero_stage}, OMP_NUM_THREADS {rank_env(args.ranks)['OMP_NUM_THREADS']}")
+    print(f"\n== CLIP contrastive alone, same shards: {setting}")
+    print(throughput_header())
+    print(throughput_row("mmscale {rec:0, itc:1}", clip))
+    if peer is not None:
+        print(throughput_row("open_clip_train", peer))
+    print("\n== Joint objective against CLIP alone (mmscale)")
+    print(throughput_header())
+    print(throughput_row("itc alone", clip))
+    print(throughput_row("rec + itc", joint))
+    print(f"step cost, joint / CLIP alone: {clip.median / joint.median:.2f}x (medians), {clip.best / joint.best:.2f}x (best windows)")
+
+
+def model_states(table: dict[int, tuple[int, int]], stage: int, psi: int, ranks: int) -> float:
+    replicated, partitioned = table[stage]
+    return (replicated + partitioned / ranks) * psi
+
+
+def memory_section(args, work: Path) -> None:
+    """ZeRO stages 0-3 on the joint objective: per-rank RSS next to the model-state formulas."""
+    ranks, model = max(args.ranks, 2), args.memory_model or args.model
+    runs = {stage: run_mmscale(args, work, f"memory-zero{stage}", weights=JOINT, stage=stage, ranks=ranks, model=model,
+                               batch_size=MEMORY_BATCH, warmup=1, steps=MEMORY_STEPS, window=1, watch_memory=True)
+            for stage in range(4)}
+    psi = runs[0].parameters  # counted before partitioning (run_info.json says "partitioned" under ZeRO-3)
+    mib = 2**20
+    base = max(runs[0].memory.training.values())
+    print(f"\n== Memory per rank by ZeRO stage: {model}, {ranks} ranks, batch {MEMORY_BATCH}/rank, joint objective, fp32, "
+          f"Ψ = {psi:,} parameters; MiB")
+    print(f"{'stage':>5} {'mixed-precision Adam':>22} {'fp32 under DeepSpeed':>22} {'RSS training':>13} {'Δ stage 0':>10} "
+          f"{'Δ predicted':>12} {'peak RSS':>10} {'ms/step':>8} {'load(1m)':>9}")
+    for stage, run in runs.items():
+        training, speed = max(run.memory.training.values()), Throughput.of([run])
+        mixed = f"{MIXED_TEXT[stage]} = {model_states(MIXED, stage, psi, ranks) / mib:.0f}"
+        fp32 = f"{FP32_TEXT[stage]} = {model_states(FP32_DEEPSPEED, stage, psi, ranks) / mib:.0f}"
+        predicted = (model_states(FP32_DEEPSPEED, stage, psi, ranks) - model_states(FP32_DEEPSPEED, 0, psi, ranks)) / mib
+        print(f"{stage:5d} {mixed:>22} {fp32:>22} {training / mib:13.0f} {(training - base) / mib:10.0f} {predicted:12.0f} "
+              f"{max(run.memory.peak.values()) / mib:10.0f} {speed.ms_per_step(speed.median):8.0f} {run.load:9.2f}")
+    print("RSS training: the largest rank's resident set during steps 2-4 (after Adam's state exists, before the final\n"
+          "checkpoint); peak RSS: VmHWM of the whole run (start-up, checkpoint included). The formulas count model states\n"
+          "only; RSS adds the Python/torch/DeepSpeed runtime, activations, batches, communication buckets and\n"
+          "allocator caching, which the Δ against stage 0 cancels in part.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="a shard folder written by tools/build_shards.py")
+    p.add_argument("--model", default=str(REPO / "configs/models/clip-tiny.json"), help="open_clip model name or architecture JSON")
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--steps", type=int, default=30, help="measured steps, after the warm-up")
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the measurement (also the learning-rate warmup)")
+    p.add_argument("--window", type=int, default=5, help="steps per logging window, the unit of the median and best figures")
+    p.add_argument("--ranks", type=int, default=1, help="deepspeed --num_gpus N for mmscale, torchrun --nproc_per_node N for open_clip_train")
+    p.add_argument("--workers", type=int, default=1, help="dataloader workers per rank")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--zero-stage", type=int, default=2, choices=range(4), help="mmscale's ZeRO stage for the throughput runs")
+    p.add_argument("--repeats", type=int, default=1, help="alternate the throughput runs this many times; medians are reported")
+    p.add_argument("--peer-venv", default=str(REPO / "build/openclip-venv"), help="open_clip_train's virtual environment (created if missing)")
+    p.add_argument("--setup-peer", action="store_true", help="only create the open_clip_train environment")
+    p.add_argument("--skip-peer", action="store_true", help="no open_clip_train run")
+    p.add_argument("--skip-memory", action="store_true", help="no ZeRO memory section")
+    p.add_argument("--memory-model", help="model of the memory section (default: --model); ViT-B-32 makes the model states visible")
+    p.add_argument("--work-dir", help="keep run folders and logs here (default: a temporary folder, removed)")
+    args = p.parse_args(argv)
+    if not args.setup_peer and not args.shards:
+        p.error("--shards is required (unless --setup-peer)")
+    if args.shards and not (Path(args.shards) / "manifest.json").is_file():
+        p.error(f"--shards {args.shards}: no manifest.json (build it with tools/build_shards.py)")
+    for key in ("model", "memory_model"):
+        if getattr(args, key) and Path(getattr(args, key)).suffix == ".json":
+            setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    args.shards = args.shards and str(Path(args.shards).resolve())
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.setup_peer:
+        print(f"open_clip_train environment: {setup_peer(Path(args.peer_venv))}")
+        return 0
+    peer = None if args.skip_peer else setup_peer(Path(args.peer_venv))
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        work = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        clip, peer_throughput, joint = compare(args, work, peer)
+        print_throughput(args, clip, peer_throughput, joint)
+        if not args.skip_memory:
+            memory_section(args, work)
+    if peer_throughput is not None:
+        print(f"\nmmscale / open_clip_train samples/s, CLIP contrastive alone ({args.ranks} rank(s) x batch {args.batch_size}): "
+              f"{clip.median / peer_throughput.median:.2f} (medians), {clip.best / peer_throughput.best:.2f} (best windows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
