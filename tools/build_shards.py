@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw: {counts['raw']}")
     print(f"kept: {counts['kept']}  images present {counts['images_present']}, missing {counts['images_missing']}")
     print(f"samples: {counts['samples']}  cold items: {counts['cold_items']}")
-    print(f"shards: " + ", ".join(f"{k} {len(v)}" for k, v in manifest["shards"].items()))
+    print("shards: " + ", ".join(f"{k} {len(v)}" for k, v in manifest["shards"].items()))
     print(manifest["bad_input_report"])
     print(f"wrote {args.out_dir}/manifest.json")
     return 0

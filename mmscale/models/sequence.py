@@ -7,7 +7,6 @@ representation is always the output at the last position.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

@@ -27,7 +27,7 @@ class RecommendationTask(nn.Module):
     def __init__(self, config: Config, num_users: int, num_items: int):
         super().__init__()
         self.config = config
-        rec, obj = config.recommender, config.objectives
+        rec = config.recommender
         self.encoder = build_encoder(config.encoder)
         self.item_tower = ItemTower(self.encoder.embed_dim, rec.embed_dim, num_items, rec.item_id_embedding)
         self.user_tower = UserTower(num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
