@@ -31,6 +31,7 @@ tools/_bench_common.py, which lets its DistributedDataParallel wrap a CPU model 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -432,9 +433,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=5, help="steps per logging window, the unit of the median and best figures")
     p.add_argument("--ranks", type=int, default=1, help="deepspeed --num_gpus N for mmscale, torchrun --nproc_per_node N for open_clip_train")
     p.add_argument("--workers", type=int, default=1, help="dataloader workers per rank")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate (mmscale optim.lr_encoder, open_clip_train --lr)")
     p.add_argument("--zero-stage", type=int, default=2, choices=range(4), help="mmscale's ZeRO stage for the throughput runs")
-    p.add_argument("--repeats", type=int, default=1, help="alternate the throughput runs this many times; medians are reported")
+    p.add_argument("--repeats", type=int, default=1, help="alternate the throughput runs this many times, pooling their windows")
     p.add_argument("--peer-venv", default=str(REPO / "build/openclip-venv"), help="open_clip_train's virtual environment (created if missing)")
     p.add_argument("--setup-peer", action="store_true", help="only create the open_clip_train environment")
     p.add_argument("--skip-peer", action="store_true", help="no open_clip_train run")
@@ -459,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"open_clip_train environment: {setup_peer(Path(args.peer_venv))}")
         return 0
     peer = None if args.skip_peer else setup_peer(Path(args.peer_venv))
-    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
-        work = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
+    with contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="bench_train-") as folder:
+        work = Path(folder).resolve()
         work.mkdir(parents=True, exist_ok=True)
         clip, peer_throughput, joint = compare(args, work, peer)
         print_throughput(args, clip, peer_throughput, joint)

@@ -15,7 +15,8 @@ from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as launch/train.py does, before torch loads OpenMP
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
