@@ -113,11 +113,34 @@ def test_attention_pooling_respects_the_mask_and_trains():
 def test_moe_adaptor_is_the_gated_mixture_of_its_experts():
     torch.manual_seed(4)
     adaptor = MoEAdaptor(5, 3, experts=4, dropout=0.0).eval()
-    torch.nn.init.normal_(adaptor.gate.weight)
+    for param in (adaptor.gate.weight, adaptor.norm_weight, adaptor.norm_bias):
+        torch.nn.init.normal_(param)
     x = torch.randn(2, 5)
     gates = torch.softmax(x @ adaptor.gate.weight.T, dim=-1)
-    expected = sum(gates[:, e : e + 1] * adaptor.experts[e](x) for e in range(4))
-    assert torch.allclose(adaptor(x), expected, atol=1e-6)
+
+    def expert(e: int) -> torch.Tensor:  # expert e: its own linear layer, then its own LayerNorm
+        rows = slice(3 * e, 3 * (e + 1))
+        linear = x @ adaptor.proj.weight[rows].T + adaptor.proj.bias[rows]
+        return torch.nn.functional.layer_norm(linear, (3,), adaptor.norm_weight[e], adaptor.norm_bias[e], eps=1e-12)
+
+    expected = sum(gates[:, e : e + 1] * expert(e) for e in range(4))
+    assert torch.allclose(adaptor(x), expected, atol=1e-5)
+
+
+def test_moe_adaptor_dropout_masks_the_experts_input_not_the_gate():
+    torch.manual_seed(5)
+    adaptor = MoEAdaptor(6, 2, experts=3, dropout=0.5)
+    torch.nn.init.normal_(adaptor.gate.weight)
+    x = torch.randn(4, 6)
+    torch.manual_seed(9)
+    out = adaptor.train()(x)
+    torch.manual_seed(9)
+    dropped = torch.nn.functional.dropout(x, 0.5)  # the same draws: one mask shared by the experts
+    gates = torch.softmax(x @ adaptor.gate.weight.T, dim=-1)
+    experts = torch.nn.functional.layer_norm((adaptor.proj(dropped)).unflatten(-1, (3, 2)), (2,), eps=1e-12)
+    experts = experts * adaptor.norm_weight + adaptor.norm_bias
+    assert not torch.equal(dropped, x)
+    assert torch.allclose(out, (gates.unsqueeze(-1) * experts).sum(1), atol=1e-6)
 
 
 def test_hashed_draws_depend_only_on_the_keys():

@@ -7,6 +7,7 @@ representation is always the output at the last position.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,22 +48,33 @@ class AttentionPooling(nn.Module):
         """vectors [..., S, D], mask [..., S] -> [..., D]; an all-masked set pools to zeros."""
         logits = self.score(vectors).squeeze(-1).masked_fill(~mask, torch.finfo(vectors.dtype).min)
         weights = torch.softmax(logits, dim=-1) * mask.any(-1, keepdim=True)
-        return (weights.unsqueeze(-1) * vectors).sum(-2)
+        # A batched matmul: never materialises the weighted [..., S, D] copy of every item's set.
+        return (weights.unsqueeze(-2) @ vectors).squeeze(-2)
 
 
 class MoEAdaptor(nn.Module):
-    """n experts (linear + LayerNorm, dropout) mixed by a softmax gate over the input."""
+    """n experts (linear + LayerNorm) over the dropped-out input, mixed by a softmax gate over the input.
+
+    The experts run as one [dim_in, n * dim_out] matmul, and they share one dropout mask: the
+    adaptor is applied to every catalogue item each step, and per-expert masks over the input
+    (n times the random draws) took about a third of a CPU step on ml100k.
+    """
 
     def __init__(self, dim_in: int, dim_out: int, experts: int, dropout: float):
         super().__init__()
-        self.experts = nn.ModuleList(nn.Sequential(nn.Dropout(dropout), nn.Linear(dim_in, dim_out), nn.LayerNorm(dim_out, eps=1e-12)) for _ in range(experts))
+        self.experts, self.dim_out = experts, dim_out
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(dim_in, experts * dim_out)
+        self.norm_weight = nn.Parameter(torch.ones(experts, dim_out))
+        self.norm_bias = nn.Parameter(torch.zeros(experts, dim_out))
         self.gate = nn.Linear(dim_in, experts, bias=False)
         nn.init.zeros_(self.gate.weight)  # start as an even mixture
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = torch.softmax(self.gate(x), dim=-1)
-        outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)
-        return (gates.unsqueeze(-1) * outputs).sum(-2)
+        outputs = self.proj(self.dropout(x)).unflatten(-1, (self.experts, self.dim_out))
+        outputs = F.layer_norm(outputs, (self.dim_out,), eps=1e-12) * self.norm_weight + self.norm_bias
+        return (gates.unsqueeze(-2) @ outputs).squeeze(-2)
 
 
 def complementary_mixup(text: torch.Tensor, image: torch.Tensor, valid: torch.Tensor, ratio, draws: torch.Tensor):
