@@ -116,17 +116,22 @@ def test_splits_and_recbole_protocol(trained_run):
     assert args.exclude_seen is False and args.overrides == ["eval.ks=[5]"]
 
 
-def test_frozen_paradigm(shards, tmp_path):
-    """Frozen encoder: the trainer ranked with cached content (history items through the full item
-    tower); the rebuilt task must be put in the same state to give the same numbers."""
-    run_dir = train(shards, tmp_path / "frozen", "train.deepspeed_config=ds_configs/zero2.json",
-                    "encoder.paradigm=frozen", "objectives.weights.itc=0")
+@pytest.mark.parametrize("name, overrides", [
+    # frozen encoder: the trainer ranked with cached content (history items through the full item tower);
+    # the rebuilt task must be put in the same state to give the same numbers
+    ("frozen", ["encoder.paradigm=frozen", "objectives.weights.itc=0"]),
+    # sequential tasks: SASRec has no item encoder at all; MP4SR reads the frozen encoder's cached features
+    ("sasrec", ["task=sequential", "sequence.model=sasrec"]),
+    ("mp4sr", ["task=sequential", "sequence.mode=finetune", "objectives.weights={rec: 1.0}"]),
+])
+def test_other_tasks_and_paradigms(name, overrides, shards, tmp_path):
+    run_dir = train(shards, tmp_path / name, "train.deepspeed_config=ds_configs/zero2.json", *overrides)
     _, logged = logged_eval(run_dir)
     out = evaluate_tool().evaluate_checkpoint(run_dir, device="cpu", num_workers=0)
     assert sorted(out["eval"]) == sorted(logged)
     for split, metrics in logged.items():
-        for name, value in metrics.items():
-            assert out["eval"][split][name] == pytest.approx(value, rel=0, abs=1e-6), (split, name)
+        for metric, value in metrics.items():
+            assert out["eval"][split][metric] == pytest.approx(value, rel=0, abs=1e-6), (split, metric)
 
 
 def test_missing_run_exits_2(tmp_path):

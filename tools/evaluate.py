@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from mmscale.config import ConfigError  # noqa: E402
 from mmscale.data.format import SPLITS  # noqa: E402
 from mmscale.eval.evaluate import evaluate  # noqa: E402
+from mmscale.models import build_preprocess  # noqa: E402
 
 
 def evaluate_checkpoint(source: str | Path, splits: list[str] | None = None, exclude_seen: bool | None = None,
@@ -50,7 +51,7 @@ def evaluate_checkpoint(source: str | Path, splits: list[str] | None = None, exc
     loaded = load_task(source, overrides, device, num_workers)
     config, task = loaded.config, loaded.task
     print(f"evaluating splits {list(config.eval.splits)} on {device} (exclude_seen={config.eval.exclude_seen})", file=sys.stderr, flush=True)
-    results = evaluate(task, loaded.shard_dir, config.eval, task.encoder.preprocess(), SINGLE_PROCESS, device, loaded.num_workers)
+    results = evaluate(task, loaded.shard_dir, config.eval, build_preprocess(config.encoder), SINGLE_PROCESS, device, loaded.num_workers)
     missing = [s for s in config.eval.splits if s not in results]
     if missing:
         print(f"note: no samples for split(s) {missing} in {loaded.shard_dir}", file=sys.stderr)
