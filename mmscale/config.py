@@ -118,6 +118,9 @@ class EvalConfig:
     splits: tuple[str, ...] = ("valid", "test", "cold")
     batch_size: int = 256
     exclude_seen: bool = True  # drop each user's training items from the ranking
+    # The cold split's candidates: "cold" ranks a cold target among the items held out of training (which new
+    # item will the user take?); "all" among the whole catalogue, where warm items carry learnt id vectors.
+    cold_candidates: str = "cold"
 
 
 @dataclass
@@ -252,6 +255,7 @@ def validate(config: Config) -> None:
         "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+        "eval.cold_candidates": (config.eval.cold_candidates, ("cold", "all")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

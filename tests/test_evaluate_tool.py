@@ -116,6 +116,22 @@ def test_splits_and_recbole_protocol(trained_run):
     assert args.exclude_seen is False and args.overrides == ["eval.ks=[5]"]
 
 
+def test_cold_split_ranks_among_cold_items_by_default(trained_run, shards):
+    """A cold target competes with the other cold items only (eval.cold_candidates=cold); with "all" the
+    warm catalogue joins in, which can only push the target down."""
+    num_cold = len(json.loads((shards / "manifest.json").read_text())["cold_items"])
+    tool = evaluate_tool()
+    overrides = ["eval.ks=[2,5]"]  # K below the number of cold items (8 here)
+    among = {name: tool.evaluate_checkpoint(trained_run, splits=["cold"], overrides=overrides + [f"eval.cold_candidates={name}"],
+                                            device="cpu", num_workers=0)["eval"]["cold"] for name in ("cold", "all")}
+    assert num_cold > 5
+    assert among["cold"]["random_recall@5"] == pytest.approx(5 / num_cold)
+    assert among["all"]["random_recall@5"] < among["cold"]["random_recall@5"]
+    for k in (2, 5):
+        assert among["all"][f"recall@{k}"] <= among["cold"][f"recall@{k}"] + 1e-12
+    assert among["all"]["ndcg@5"] < among["cold"]["ndcg@5"]
+
+
 @pytest.mark.parametrize("name, overrides", [
     # frozen encoder: the trainer ranked with cached content (history items through the full item tower);
     # the rebuilt task must be put in the same state to give the same numbers

@@ -84,6 +84,9 @@ def evaluate(
     seen = np.load(Path(shard_dir) / "seen.npz")
     indptr, seen_items = torch.from_numpy(seen["indptr"]).to(device), torch.from_numpy(seen["items"]).to(device)
 
+    warm = torch.ones(1, len(table), dtype=torch.bool, device=device)
+    warm[0, stream.manifest.get("cold_items", [])] = False
+
     results = {}
     for split in config.splits:
         if split not in stream.manifest["shards"] or not stream.manifest["counts"]["samples"].get(split):
@@ -103,6 +106,8 @@ def evaluate(
             users, targets, history = all_users[rows].to(device), all_targets[rows].to(device), all_history[rows].to(device)
             scores = task.user_vectors(users, history, table) @ table.T
             excluded = _seen_mask(users, indptr, seen_items, len(table)) if config.exclude_seen else None
+            if split == "cold" and config.cold_candidates == "cold":
+                excluded = warm.expand(len(rows), -1) if excluded is None else excluded | warm
             ranks = target_ranks(scores.float(), targets, excluded)
             w = weight[start : start + len(rows)].to(device)
             batch_sums = metric_sums(ranks, config.ks, w)
