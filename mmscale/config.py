@@ -43,6 +43,9 @@ class EncoderConfig:
     # (on the training stream's items), then is frozen and cached for the recommender.
     paradigm: str = "end_to_end"
     adapt_steps: int = 200
+    # How the item tower sees an item: "dual" (the image and text embeddings) or, for VLMo, "fusion"
+    # (its fusion-mode [CLS] over the image and text together).
+    item_representation: str = "dual"
 
 
 @dataclass
@@ -78,7 +81,9 @@ class SequenceConfig:
 @dataclass
 class ObjectiveConfig:
     # Loss weights; each task uses the names it defines: two_tower rec, itc; sequential rec (next-item
-    # cross-entropy over all items), seq_item and seq_seq (MP4SR pre-training), itc (joint).
+    # cross-entropy over all items), seq_item and seq_seq (MP4SR pre-training), itc (joint); with a VLMo
+    # encoder also itm (image-text matching, hard negatives) and mlm (masked language modelling), both
+    # in fusion mode, in two_tower and in sequential joint mode. Unset names default to 0 there.
     weights: dict[str, float] = field(default_factory=lambda: {"rec": 1.0, "itc": 0.1, "seq_item": 1.0, "seq_seq": 0.01})
     rec_loss: str = "softmax"  # softmax (in-batch sampled softmax) | bpr
     rec_temperature: float = 0.1
@@ -256,6 +261,7 @@ def validate(config: Config) -> None:
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
         "eval.cold_candidates": (config.eval.cold_candidates, ("cold", "all")),
+        "encoder.item_representation": (config.encoder.item_representation, ("dual", "fusion")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -271,10 +277,18 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if not config.recommender.user_id_embedding and config.recommender.history_pooling == "none":
         raise ConfigError("recommender: user_id_embedding=false with history_pooling=none leaves the user tower empty")
-    known_losses = ("rec", "itc", "seq_item", "seq_seq")
+    known_losses = ("rec", "itc", "seq_item", "seq_seq", "itm", "mlm")
     for name in config.objectives.weights:
         if name not in known_losses:
             raise ConfigError(f"objectives.weights.{name}: unknown loss (known: {list(known_losses)})")
+    if config.encoder.kind != "vlmo":
+        for name in ("itm", "mlm"):
+            if config.objectives.weights.get(name):
+                raise ConfigError(f"objectives.weights.{name}: a fusion-mode loss; it needs encoder.kind=vlmo, not {config.encoder.kind!r}")
+        if config.encoder.item_representation == "fusion":
+            raise ConfigError(f"encoder.item_representation: fusion needs encoder.kind=vlmo, not {config.encoder.kind!r}")
+    if config.task == "sequential" and config.encoder.item_representation == "fusion":
+        raise ConfigError("encoder.item_representation: fusion is for the two_tower task (MP4SR reads image and text features apart)")
     if config.task == "two_tower" and not any(config.objectives.weights.get(n) for n in ("rec", "itc")):
         raise ConfigError("objectives.weights: rec and itc are both 0; the two_tower task would train nothing")
     if config.encoder.kind not in ("clip", "vlmo"):

@@ -94,6 +94,34 @@ def test_mp4sr_joint_two_ranks_match_one_process(stage, world_shards, one_proces
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (stage, a["step"], name)
 
 
+@pytest.fixture(scope="module")
+def vlmo_overrides(world_shards, tmp_path_factory) -> list[str]:
+    """A tiny VLMo with a WordPiece vocabulary of the world's item texts, trained with every VLMo objective."""
+    from mmscale.data.item_store import ItemStore
+    from mmscale.models.vlmo import build_wordpiece_tokenizer
+
+    store = ItemStore(world_shards)
+    tokenizer = build_wordpiece_tokenizer([store.text(i) for i in range(len(store))], 300, tmp_path_factory.mktemp("wordpiece"))
+    return ["encoder.kind=vlmo", f"encoder.model={REPO / 'configs/models/vlmo-tiny.json'}", f"encoder.tokenizer={tokenizer}",
+            "objectives.weights={rec: 1.0, itc: 0.5, itm: 0.5, mlm: 0.5}"]
+
+
+def test_vlmo_two_ranks_zero3_match_one_process(world_shards, vlmo_overrides, tmp_path):
+    """Tiny VLMo end to end with the recommender, its contrastive, matching (hard negatives drawn from the
+    gathered batch) and masked-LM losses: two ZeRO-3 ranks equal one process on the same global batches."""
+    sets = [a for o in vlmo_overrides for a in ("--set", o)]
+    common = [str(WORKER), "--shards", str(world_shards)]
+    run([sys.executable] + common + ["--run-dir", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")] + sets, threads=2)
+    run(deepspeed_cmd(2) + common + ["--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.json"),
+                                     "--zero-stage", "3"] + sets, threads=1)
+    one, two = losses(tmp_path / "one.json"), losses(tmp_path / "two.json")
+    assert [e["step"] for e in two] == [e["step"] for e in one] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for name in ("loss/rec", "loss/itc", "loss/itm", "loss/mlm", "loss/total"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (a["step"], name)
+    assert abs(two[2]["loss/total"] - two[0]["loss/total"]) > 1e-3
+
+
 def test_resume_continues_the_same_run(world_shards, tmp_path):
     common = [sys.executable, str(REPO / "launch/train.py"),
               "--set", f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", "--set", f"data.shards={world_shards}",

@@ -9,7 +9,7 @@ import torch
 
 from mmscale.models.sequence import AttentionPooling, CausalSequenceEncoder, MoEAdaptor, complementary_mixup, random_item_drop
 from mmscale.objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
-from mmscale.tasks.sequential import hashed_uniform
+from mmscale.objectives.common import hashed_uniform
 
 PAD = -1
 

@@ -15,7 +15,8 @@ def build_encoder(config: EncoderConfig) -> ItemEncoder:
     if config.kind == "vlmo":
         from .vlmo import VLMoEncoder
 
-        return VLMoEncoder(config.model, config.pretrained, config.grad_checkpointing, tokenizer=config.tokenizer)
+        return VLMoEncoder(config.model, config.pretrained, config.grad_checkpointing, tokenizer=config.tokenizer,
+                           item_representation=config.item_representation)
     raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip, vlmo)")
 
 

@@ -790,6 +790,9 @@ class WordPieceTokenize:
         tok.enable_truncation(max_length=self.max_text_len)
         self._tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # MLM never predicts or replaces these; [MASK] replaces the chosen tokens
+        self.special_ids = tuple(i for i in (tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")) if i is not None)
+        self.mask_id = tok.token_to_id("[MASK]")
 
     def __getstate__(self):
         return {"path": self.path, "max_text_len": self.max_text_len}
@@ -852,7 +855,7 @@ class VLMoEncoder(ItemEncoder):
     loaded with strict=True."""
 
     def __init__(self, model: "str | Path | VLMoConfig", pretrained: str | None = None,
-                 grad_checkpointing: bool = False, tokenizer: str | Path | None = None):
+                 grad_checkpointing: bool = False, tokenizer: str | Path | None = None, item_representation: str = "dual"):
         super().__init__()
         config = VLMoConfig.resolve(model)
         self._preprocess = vlmo_preprocess(config, tokenizer)
@@ -864,6 +867,9 @@ class VLMoEncoder(ItemEncoder):
         self.config = config
         self.embed_dim = config.embed_dim
         self.model = VLMo(config, grad_checkpointing=grad_checkpointing)
+        # item_representation "fusion": an item is its fusion-mode [CLS] (pooled), projected to embed_dim.
+        # The projection is mmscale's own (the release has none), kept outside `model` so imports stay strict.
+        self.item_proj = nn.Linear(config.width, config.embed_dim, bias=False) if item_representation == "fusion" else None
         if pretrained is not None:
             self.load_pretrained(pretrained)
 
@@ -900,6 +906,35 @@ class VLMoEncoder(ItemEncoder):
         (the release's `cls_feats`, fed to its ITM/VQA heads); pooled=False gives the normed [CLS] itself."""
         out = self.model(images=images, text_tokens=text_tokens, mode="fusion")
         return out["cls_feats"] if pooled else out["raw_cls_feats"]
+
+    def fused_embedding(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, embed_dim] L2-normalised item vectors from the fusion-mode [CLS] (item_representation=fusion)."""
+        if self.item_proj is None:
+            raise ConfigError("encoder.item_representation: the VLMo encoder was built for dual-encoder items")
+        return F.normalize(self.item_proj(self.fuse(images, text_tokens)), dim=-1)
+
+    def match_logits(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, 2] ITM logits (not matched, matched) of row-aligned image-text pairs, fusion mode."""
+        return self.model(images=images, text_tokens=text_tokens, mode="fusion")["itm_logits"]
+
+    def masked_lm_logits(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, T, vocab] MLM logits of (masked) text tokens read with their image, fusion mode."""
+        return self.model(images=images, text_tokens=text_tokens, mode="fusion", mlm=True)["mlm_logits"]
+
+    @property
+    def special_token_ids(self) -> tuple[int, ...]:
+        return self._preprocess.tokenize.special_ids
+
+    @property
+    def mask_token_id(self) -> int:
+        mask_id = self._preprocess.tokenize.mask_id
+        if mask_id is None:
+            raise ConfigError(f"encoder.tokenizer: {self._preprocess.tokenize.path} has no [MASK] token; MLM needs one")
+        return mask_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     def release_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the release's names, shapes and dtypes (0-d logit scales), for export."""

@@ -12,3 +12,14 @@ def first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     same = ids.unsqueeze(0) == ids.unsqueeze(1)
     first = same.int().argmax(dim=1)
     return first, first == torch.arange(len(ids), device=ids.device)
+
+
+def hashed_uniform(*keys: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) numbers that depend only on the integer keys (broadcast together)."""
+    x = torch.zeros((), dtype=torch.int64)
+    for i, key in enumerate(keys):
+        x = x * 1000003 + key.to(torch.int64) + 7919 * (i + 1)
+    x = x & 0xFFFFFFFF
+    for _ in range(3):  # integer mixing rounds (xorshift-multiply), kept within 32 bits
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x ^ (x >> 16)).to(torch.float64) / 2**32

@@ -29,20 +29,12 @@ from ..data.stream import PAD, Batch
 from ..models import build_encoder
 from ..models.sequence import AttentionPooling, CausalSequenceEncoder, MoEAdaptor, complementary_mixup, random_item_drop
 from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
+from ..objectives.common import hashed_uniform
 from ..objectives.contrastive import image_text_contrastive_loss
+from .vision_language import FUSION_LOSSES, fusion_losses
 
-MODE_LOSSES = {"sasrec": ("rec",), "pretrain": ("seq_item", "seq_seq"), "finetune": ("rec",), "joint": ("rec", "seq_item", "seq_seq", "itc")}
-
-
-def hashed_uniform(*keys: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) numbers that depend only on the integer keys (broadcast together)."""
-    x = torch.zeros((), dtype=torch.int64)
-    for i, key in enumerate(keys):
-        x = x * 1000003 + key.to(torch.int64) + 7919 * (i + 1)
-    x = x & 0xFFFFFFFF
-    for _ in range(3):  # integer mixing rounds (xorshift-multiply), kept within 32 bits
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    return (x ^ (x >> 16)).to(torch.float64) / 2**32
+MODE_LOSSES = {"sasrec": ("rec",), "pretrain": ("seq_item", "seq_seq"), "finetune": ("rec",),
+               "joint": ("rec", "seq_item", "seq_seq", "itc", *FUSION_LOSSES)}
 
 
 class SequentialTask(nn.Module):
@@ -191,11 +183,15 @@ class SequentialTask(nn.Module):
                 losses["seq_item"] = sequence_item_loss(text_led, target_text, all_targets, tau) + sequence_item_loss(image_led, target_image, all_targets, tau)
             if "seq_seq" in self.loss_weights:
                 losses["seq_seq"] = sequence_sequence_loss(text_led, image_led, all_targets, tau)
-        if "itc" in self.loss_weights:
+        fusion = [n for n in FUSION_LOSSES if n in self.loss_weights]
+        if "itc" in self.loss_weights or fusion:
             image_emb, text_emb = self.encode_content(batch.images, batch.text_tokens)
             slots = batch.target_slots
-            losses["itc"] = image_text_contrastive_loss(gather(image_emb[slots]), gather(text_emb[slots]), all_targets,
-                                                        gather(batch.has_image[slots]), self.encoder.logit_scale)
+            if "itc" in self.loss_weights:
+                losses["itc"] = image_text_contrastive_loss(gather(image_emb[slots]), gather(text_emb[slots]), all_targets,
+                                                            gather(batch.has_image[slots]), self.encoder.logit_scale)
+            losses.update(fusion_losses(self.encoder, fusion, batch.images[slots], batch.text_tokens[slots], image_emb[slots],
+                                        text_emb[slots], batch.targets, batch.has_image[slots], gather, self.draws))
         return losses
 
     def _mixed_sequences(self, batch: Batch, text: torch.Tensor, image: torch.Tensor):

@@ -19,6 +19,7 @@ from ..models import build_encoder
 from ..models.towers import ItemTower, UserTower
 from ..objectives.contrastive import image_text_contrastive_loss
 from ..objectives.recommender import bpr_loss, sampled_softmax_loss
+from .vision_language import FUSION_LOSSES, fusion_losses
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,6 +33,7 @@ class RecommendationTask(nn.Module):
         self.item_tower = ItemTower(self.encoder.embed_dim, rec.embed_dim, num_items, rec.item_id_embedding)
         self.user_tower = UserTower(num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
         self.history_content = config.data.history_content
+        self.fusion_items = config.encoder.item_representation == "fusion"
         # fine_tuned: the image-text loss alone until the engine calls freeze_encoder().
         self.loss_weights = {"itc": 1.0} if config.encoder.paradigm == "fine_tuned" else self._configured_weights()
         self.frozen = False
@@ -39,9 +41,10 @@ class RecommendationTask(nn.Module):
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
         if config.encoder.paradigm == "frozen":
             self.encoder.requires_grad_(False)
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
 
     def _configured_weights(self) -> dict[str, float]:
-        return {name: w for name, w in self.config.objectives.weights.items() if w != 0 and name in ("rec", "itc")}
+        return {name: w for name, w in self.config.objectives.weights.items() if w != 0 and name in ("rec", "itc", *FUSION_LOSSES)}
 
     @property
     def freeze_at_step(self) -> int | None:
@@ -71,13 +74,17 @@ class RecommendationTask(nn.Module):
         return self.history_content or self.frozen
 
     def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
-        """Freezes the encoder: from now on items are this cached content; the image-text loss stops."""
+        """Freezes the encoder: from now on items are this cached content; the encoder's own losses stop."""
         self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
         self.frozen = True
-        self.loss_weights = {name: w for name, w in self._configured_weights().items() if name != "itc"}
+        self.loss_weights = {name: w for name, w in self._configured_weights().items() if name not in ("itc", *FUSION_LOSSES)}
 
     # -- content ----------------------------------------------------------------------------------
     def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the item tower reads: the image and text embeddings, or the fused item vector in both slots."""
+        if self.fusion_items:
+            fused = self.encoder.fused_embedding(images, text_tokens)
+            return fused, fused
         return self.encoder(images, text_tokens)
 
     def _cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,6 +131,8 @@ class RecommendationTask(nn.Module):
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.draws += 1
         image, text, has_image = self.batch_content(batch)
         targets, all_ids = batch.target_slots, gather(batch.targets)
         losses = {}
@@ -140,10 +149,16 @@ class RecommendationTask(nn.Module):
                 losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature)
             else:
                 losses["rec"] = bpr_loss(all_users, all_items, all_ids)
+        if self.fusion_items and not self.frozen and any(n in self.loss_weights for n in ("itc", *FUSION_LOSSES)):
+            image, text = self.encoder(batch.images, batch.text_tokens)  # the contrastive losses compare the modalities
         if "itc" in self.loss_weights:
             losses["itc"] = image_text_contrastive_loss(
                 gather(image[targets]), gather(text[targets]), all_ids, gather(has_image[targets]), self.encoder.logit_scale
             )
+        fusion = [n for n in FUSION_LOSSES if n in self.loss_weights]
+        if fusion:
+            losses.update(fusion_losses(self.encoder, fusion, batch.images[targets], batch.text_tokens[targets], image[targets],
+                                        text[targets], batch.targets, has_image[targets], gather, self.draws))
         return losses
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
