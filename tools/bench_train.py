@@ -5,6 +5,7 @@
         [--batch-size 64] [--steps 30] [--warmup 10] [--window 5] [--ranks 1] [--repeats 1]
         [--skip-peer] [--skip-memory] [--memory-model ViT-B-32]
     python tools/bench_train.py --setup-peer        (only create the open_clip_train environment)
+    python tools/bench_train.py --shards SHARD_DIR --vlmo [--ranks 2]   (only VLMo-tiny against CLIP-tiny)
 
 1. CLIP contrastive alone: mmscale (`objectives.weights={rec: 0, itc: 1}`) and open_clip_train on
    the same train shards, model, per-rank batch, ranks, workers and precision (fp32), no pretrained
@@ -233,8 +234,10 @@ def logged_windows(metrics: Path, global_batch: int) -> list[tuple[int, int, flo
 
 
 def run_mmscale(args, work: Path, name: str, *, weights: dict, stage: int, ranks: int, model: str,
-                batch_size: int, warmup: int, steps: int, window: int, watch_memory: bool = False) -> Run:
-    """launch/train.py on the demo recipe with these overrides, logging every `window` steps."""
+                batch_size: int, warmup: int, steps: int, window: int, watch_memory: bool = False,
+                encoder: dict | None = None) -> Run:
+    """launch/train.py on the demo recipe with these overrides, logging every `window` steps
+    (`encoder`: further encoder.* settings, e.g. a VLMo's kind and tokenizer)."""
     run_dir, total = work / name, warmup + steps
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to
     overrides = {
@@ -243,6 +246,7 @@ def run_mmscale(args, work: Path, name: str, *, weights: dict, stage: int, ranks
         "optim.lr_encoder": args.lr, "optim.warmup_steps": warmup,
         "train.run_dir": run_dir, "train.deepspeed_config": deepspeed_config(stage, work),
         "train.max_steps": total, "train.log_every": window, "train.precision": "fp32", "eval.splits": "[]",
+        **{f"encoder.{key}": value for key, value in (encoder or {}).items()},
     }
     sets = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
     if ranks == 1:
@@ -423,6 +427,37 @@ def memory_section(args, work: Path) -> None:
           "allocator caching, which the Δ against stage 0 cancels in part.")
 
 
+def vlmo_section(args, work: Path) -> None:
+    """VLMo against CLIP at equal width and depth: each side the tiny CLIP's 2 blocks of width 64 (2 heads, MLP x4,
+    32 px, patch 8, 32 text positions), the joint objective, --ranks ranks, one step's memory watched."""
+    from mmscale.data.item_store import ItemStore
+    from mmscale.models.vlmo import build_wordpiece_tokenizer
+
+    store = ItemStore(args.shards)
+    tokenizer = build_wordpiece_tokenizer((store.text(i) for i in range(len(store))), 1000, work / "wordpiece")
+    vlmo = json.loads((REPO / "configs/models/vlmo-tiny.json").read_text()) | {"depth": 2, "vl_layers": 2}
+    (work / "vlmo-tiny-d2.json").write_text(json.dumps(vlmo))
+    sides = {"CLIP-tiny": (args.model, None),
+             "VLMo-tiny (depth 2)": (str(work / "vlmo-tiny-d2.json"), {"kind": "vlmo", "tokenizer": tokenizer})}
+    runs: dict[str, list[Run]] = {name: [] for name in sides}
+    for i in range(args.repeats):
+        for name, (model, encoder) in sides.items():
+            runs[name].append(run_mmscale(args, work, f"{name.split()[0]}-{i}", weights=JOINT, stage=args.zero_stage, ranks=args.ranks,
+                                          model=model, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
+                                          window=args.window, watch_memory=True, encoder=encoder))
+    print(f"\n== VLMo against CLIP at equal width and depth: joint objective (rec + itc), batch {args.batch_size}/rank x "
+          f"{args.ranks} rank(s), fp32, ZeRO-{args.zero_stage}")
+    print(throughput_header() + f" {'params':>9} {'RSS MiB':>8}")
+    speed = {name: Throughput.of(r) for name, r in runs.items()}
+    for name, r in runs.items():
+        rss = max(max(run.memory.training.values()) for run in r) / 2**20
+        print(throughput_row(name, speed[name]) + f" {r[0].parameters or 0:9,d} {rss:8.0f}")
+    clip, vlmo = speed["CLIP-tiny"], speed["VLMo-tiny (depth 2)"]
+    print(f"step time, VLMo / CLIP: {clip.median / vlmo.median:.2f}x (medians), {clip.best / vlmo.best:.2f}x (best windows)")
+    print("Parameters differ mostly by the text embedding tables: CLIP's BPE vocabulary has 49,408 tokens, the VLMo run\n"
+          "a WordPiece vocabulary trained on the catalogue's texts; VLMo also keeps both modality experts in every block.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="a shard folder written by tools/build_shards.py")
@@ -442,6 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-memory", action="store_true", help="no ZeRO memory section")
     p.add_argument("--memory-model", help="model of the memory section (default: --model); ViT-B-32 makes the model states visible")
     p.add_argument("--work-dir", help="keep run folders and logs here (default: a temporary folder, removed)")
+    p.add_argument("--vlmo", action="store_true", help="only VLMo-tiny against CLIP-tiny at equal width and depth (step time, RSS)")
     args = p.parse_args(argv)
     if not args.setup_peer and not args.shards:
         p.error("--shards is required (unless --setup-peer)")
@@ -459,10 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_peer:
         print(f"open_clip_train environment: {setup_peer(Path(args.peer_venv))}")
         return 0
-    peer = None if args.skip_peer else setup_peer(Path(args.peer_venv))
+    peer = None if args.skip_peer or args.vlmo else setup_peer(Path(args.peer_venv))
     with contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="bench_train-") as folder:
         work = Path(folder).resolve()
         work.mkdir(parents=True, exist_ok=True)
+        if args.vlmo:
+            vlmo_section(args, work)
+            return 0
         clip, peer_throughput, joint = compare(args, work, peer)
         print_throughput(args, clip, peer_throughput, joint)
         if not args.skip_memory:
