@@ -8,6 +8,9 @@
     python launch/train.py --config CONFIG            (one process)
 
 Without CUDA, DeepSpeed's CPU accelerator and the gloo backend are selected automatically.
+SIGTERM (a scheduler's preemption notice) saves a checkpoint at the next step boundary and exits 0.
+Exit status: 0 done or stopped on request, 2 bad config/data/resume path, 3 a checkpoint could not be
+saved (the previous complete one stays the latest).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mmscale.config import ConfigError, load_config
+from mmscale.engine.checkpoint import SaveError
 from mmscale.data.format import ShardFormatError
 
 
@@ -47,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardFormatError, FileNotFoundError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    result = trainer.fit(stop_at=args.stop_at)
+    try:
+        result = trainer.fit(stop_at=args.stop_at)
+    except SaveError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 3
+    if result["stopped"]:
+        if trainer.dist.is_main:
+            print(f"stopped at step {result['step']} on request, checkpoint saved; continue with --resume latest")
+        return 0
     if trainer.dist.is_main:
         print(json.dumps({"step": result["step"], "eval": result["eval"]}, indent=2))
         for split, metrics in result["eval"].items():

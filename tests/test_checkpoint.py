@@ -48,3 +48,18 @@ def test_resume_from_explicit_folder_requires_complete_marker(tmp_path):
     checkpoint.mark_complete(tmp_path, "step00000007", keep_last=1)
     assert checkpoint.resolve_resume(str(tmp_path / "step00000007"), tmp_path) == (tmp_path, "step00000007")
     assert checkpoint.resolve_resume(None, tmp_path) is None
+
+
+def test_resume_latest_skips_an_interrupted_save_and_says_so(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for tag in ("step00000002", "step00000004"):
+        (checkpoints / tag).mkdir(parents=True)
+        (checkpoints / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    checkpoint.mark_complete(checkpoints, "step00000002", keep_last=2)
+    (checkpoints / "step00000006").mkdir()  # killed while writing: no COMPLETE marker
+    messages = []
+    found = checkpoint.resolve_resume("latest", tmp_path, messages.append)
+    assert found == (checkpoints, "step00000002")
+    assert len(messages) == 2  # one line per incomplete tag
+    assert "step00000006 is incomplete" in messages[-1] and "resuming from step00000002" in messages[-1]
+    assert "step00000004 is incomplete" in messages[-2]

@@ -15,6 +15,10 @@ import shutil
 from pathlib import Path
 
 COMPLETE = "COMPLETE"
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, folder not writable); the previous one is kept."""
 TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -56,13 +60,40 @@ def mark_complete(checkpoint_dir: Path, tag: str, keep_last: int) -> list[str]:
     return removed
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> tuple[Path, str] | None:
-    """`--resume latest` or a checkpoint folder path -> (checkpoint dir, tag), or None to start fresh."""
+def interrupted_tags(checkpoint_dir: Path) -> list[str]:
+    """Tags newer than the newest complete one that lack COMPLETE: saves cut short by a crash or kill."""
+    if not checkpoint_dir.is_dir():
+        return []
+    newest = latest_complete(checkpoint_dir) or ""
+    return sorted(p.name for p in checkpoint_dir.iterdir() if TAG.match(p.name) and not (p / COMPLETE).exists() and p.name > newest)
+
+
+def space_report(folder: Path) -> str:
+    """Free space and writability of a folder, for the message of a failed save."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        return f"{folder}: {e}"
+    return f"{free / 2**20:.1f} MiB free on {folder}'s filesystem, {'writable' if os.access(folder, os.W_OK) else 'NOT writable'}"
+
+
+def discard(checkpoint_dir: Path, tag: str) -> None:
+    """Removes a tag whose save failed, so that it is never mistaken for a checkpoint."""
+    shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+
+
+def resolve_resume(resume: str | None, run_dir: Path, log=print) -> tuple[Path, str] | None:
+    """`--resume latest` or a checkpoint folder path -> (checkpoint dir, tag), or None to start fresh.
+
+    `latest` skips (and says so) any newer tag whose save was interrupted."""
     if resume is None:
         return None
     if resume == "latest":
         checkpoint_dir = run_dir / "checkpoints"
         tag = latest_complete(checkpoint_dir)
+        for skipped in interrupted_tags(checkpoint_dir):
+            log(f"--resume latest: {checkpoint_dir / skipped} is incomplete (no {COMPLETE} marker: its save was "
+                f"interrupted); {'resuming from ' + tag if tag else 'no complete checkpoint before it'}")
         return (checkpoint_dir, tag) if tag else None
     path = Path(resume)
     if not (path / COMPLETE).is_file():

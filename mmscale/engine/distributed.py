@@ -57,7 +57,22 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    global _host_group
+    # Host-side flags (stop requested, save failed) travel over gloo: no device synchronisation per step.
+    _host_group = dist.new_group(backend="gloo") if cuda and dist.get_world_size() > 1 else None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+_host_group = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (a CPU all-reduce; cheap enough for every step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(value.item())
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:

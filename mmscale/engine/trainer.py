@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,7 +32,7 @@ from ..models import build_preprocess
 from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from .distributed import all_reduce_sum, barrier, deepspeed, gather, init_distributed
+from .distributed import all_reduce_sum, any_rank, barrier, deepspeed, gather, init_distributed
 from .monitor import Monitor
 
 
@@ -106,7 +109,8 @@ class Trainer:
 
         self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         self.resumed_from = None
-        found = checkpoint.resolve_resume(resume, self.run_dir)
+        self.stop_signal: int | None = None  # set by SIGTERM (preemption): save at the next step boundary, exit
+        found = checkpoint.resolve_resume(resume, self.run_dir, self.log)
         if found is not None:
             self._load(*found)
         elif resume == "latest":
@@ -198,6 +202,8 @@ class Trainer:
         `batches` replaces the shard stream (tests feed identical global batches this way).
         """
         cfg = self.config.train
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._request_stop)
         source = iter(batches) if batches is not None else self._stream_batches()
         names = sorted(self.task.loss_weights)
         running = torch.zeros(len(names) + 1, device=self.dist.device)  # per-loss sums and the total
@@ -241,12 +247,23 @@ class Trainer:
                 self.save()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
                 self.run_evaluation()
+            # Every rank must leave at the same step; a one-integer CPU all-reduce per step is the price of
+            # stopping at the next boundary rather than at the next logging window.
+            if any_rank(self.stop_signal is not None):
+                self.log(f"step {self.step}: stop requested (SIGTERM on some rank): saving a checkpoint and exiting; "
+                         f"continue with --resume latest")
+                break
         progress.close()
         self.save()
         finished = self.step >= self.total_steps
         results = self.run_evaluation() if finished and self.config.eval.splits else {}
         self.monitor.close()
-        return {"scalars": last, "eval": results, "step": self.step}
+        return {"scalars": last, "eval": results, "step": self.step, "stopped": self.stop_signal is not None and not finished}
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_signal = signum
+        print(f"rank {self.dist.rank}: received {signal.Signals(signum).name}; stopping at the next step boundary",
+              file=sys.stderr, flush=True)
 
     def _log_scalars(self, names, mean_losses, micro, items_encoded, corrupt, data_wait, elapsed) -> dict:
         """The one host synchronisation of a logging window: reduce across ranks, then log."""
@@ -280,7 +297,20 @@ class Trainer:
             "data": {"epoch": self.epoch, "batch": self.batch_in_epoch},
             "config": self.config.to_dict(),
         }
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client, save_latest=False)
+        failure = None
+        try:
+            self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client, save_latest=False)
+        except (OSError, RuntimeError) as e:  # disk full (torch's zip writer raises RuntimeError), unwritable, quota...
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}; {checkpoint.space_report(self.checkpoint_dir)}"
+            print(f"rank {self.dist.rank}: saving {self.checkpoint_dir / tag} failed: {failure}", file=sys.stderr, flush=True)
+        if any_rank(failure is not None):  # every rank learns it, so none waits for a tag that never completes
+            if self.dist.is_main:
+                checkpoint.discard(self.checkpoint_dir, tag)
+            kept = checkpoint.latest_complete(self.checkpoint_dir)
+            raise checkpoint.SaveError(
+                f"could not save step {self.step} to {self.checkpoint_dir / tag}"
+                f"{f' ({failure})' if failure else ' (failed on another rank)'}; "
+                f"{f'the previous checkpoint {kept} is kept as latest' if kept else 'no earlier checkpoint exists'}")
         barrier()  # every rank's shards are on disk before the tag is marked complete
         if self.dist.is_main:
             checkpoint.mark_complete(self.checkpoint_dir, tag, self.config.train.keep_last)
