@@ -161,3 +161,46 @@ def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(shards, t
     after, expected = losses(killed_dir), losses(straight_dir)
     for step in range(resume_from + 1, stop + 1):
         assert after[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(shards, tmp_path):
+    """torchrun --max-restarts 1 with --resume latest: a killed rank brings an automatic restart from the newest
+    complete checkpoint, no person involved; the run completes with the losses of an uninterrupted one."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+
+    def cmd(run_dir: Path) -> list[str]:
+        sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={shards}", f"train.run_dir={run_dir}",
+                "data.batch_size=8", "data.num_workers=0", "train.max_steps=14", "train.save_every=2", "train.log_every=1",
+                "eval.splits=[]"]
+        return [torchrun, "--nproc_per_node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{29000 + (os.getpid() + 7) % 1000}", str(REPO / "launch/train.py"),
+                *[a for s in sets for a in ("--set", s)], "--resume", "latest"]
+
+    restarted = tmp_path / "restarted"
+    proc = subprocess.Popen(cmd(restarted), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (restarted / "checkpoints" / "latest").is_file() or max(logged_steps(restarted), default=0) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 3"
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[1].kill()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    straight = tmp_path / "straight"
+    done = subprocess.run(cmd(straight), cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+    def losses(run_dir: Path) -> dict[int, float]:  # the last value logged for each step
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+    after, expected = losses(restarted), losses(straight)
+    assert sorted(after) == sorted(expected) == list(range(1, 15))
+    for step in range(1, 15):
+        assert after[step] == pytest.approx(expected[step], rel=1e-5), step
