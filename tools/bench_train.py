@@ -180,6 +180,8 @@ class RankMemoryWatch:
                     rank, status = local_rank(cmdline), memory_status(proc.pid)
                 except (psutil.Error, OSError):
                     continue  # exited between listing and reading
+                if len(status) < 2:
+                    continue  # a zombie: its status has no memory lines any more
                 self.peak[rank] = max(self.peak.get(rank, 0), status["VmHWM"])
                 if training:
                     self.training[rank] = max(self.training.get(rank, 0), status["VmRSS"])
