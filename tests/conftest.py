@@ -47,6 +47,18 @@ def ml100k_shards(ml100k_raw, tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def world_shards(tmp_path_factory) -> Path:
+    """The generated world at a small size (60 users, 80 items), sharded once: for the multi-process tests."""
+    from mmscale.data.shards import BuildOptions, build_shards
+    from mmscale.data.world import WorldSpec, generate_world
+
+    root = tmp_path_factory.mktemp("tiny-world")
+    generate_world(root / "raw", WorldSpec(num_users=60, num_items=80, min_interactions_per_user=8, max_interactions_per_user=20))
+    build_shards(root / "raw", root / "shards", BuildOptions(progress=False, workers=1))
+    return root / "shards"
+
+
 # -- a tiny synthetic raw dataset ----------------------------------------------------------------
 def solid_jpeg(colour: tuple[int, int, int], size: int = 24) -> bytes:
     """A small JPEG: a colour field with a diagonal stripe (so it is not trivially compressible)."""

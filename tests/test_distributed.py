@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.data.shards import BuildOptions, build_shards
-from mmscale.data.world import WorldSpec, generate_world
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "helpers" / "train_worker.py"
@@ -35,14 +33,6 @@ def run(cmd: list[str], threads: int, timeout: int = 600) -> None:
 def deepspeed_cmd(ranks: int) -> list[str]:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000)]
-
-
-@pytest.fixture(scope="module")
-def world_shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root / "raw", WorldSpec(num_users=60, num_items=80, min_interactions_per_user=8, max_interactions_per_user=20))
-    build_shards(root / "raw", root / "shards", BuildOptions(progress=False, workers=1))
-    return root / "shards"
 
 
 def losses(path: Path) -> list[dict]:

@@ -13,8 +13,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mmscale.data.shards import BuildOptions, build_shards
-from mmscale.data.world import WorldSpec, generate_world
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
@@ -26,17 +24,9 @@ def env() -> dict:
     return clean | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults-world")
-    generate_world(root / "raw", WorldSpec(num_users=60, num_items=80, min_interactions_per_user=8, max_interactions_per_user=20))
-    build_shards(root / "raw", root / "shards", BuildOptions(progress=False, workers=1))
-    return root / "shards"
-
-
-def command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+def command(world_shards: Path, run_dir: Path, *extra: str) -> list[str]:
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={shards}", f"train.run_dir={run_dir}",
+    sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}", f"train.run_dir={run_dir}",
             "data.batch_size=8", "data.num_workers=0", "train.max_steps=400", "train.log_every=1", "eval.splits=[]"]
     return [launcher, "--num_gpus", "2", "--master_port", str(29000 + os.getpid() % 1000), str(REPO / "launch/train.py"),
             *[a for s in sets for a in ("--set", s)], *extra]
@@ -52,11 +42,11 @@ def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
             and "--local_rank" in " ".join(p.cmdline())]
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_cleanly(shards, tmp_path):
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(world_shards, tmp_path):
     """What SLURM does before preemption: SIGTERM to every task. The ranks agree on the next step boundary,
     save a complete checkpoint there and exit 0; --resume latest continues from it."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(shards, run_dir), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command(world_shards, run_dir), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
         while not [s for s in logged_steps(run_dir) if s >= 2]:
@@ -79,7 +69,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(shards, tmp_path):
     assert 2 <= stopped < 400
     latest = (run_dir / "checkpoints" / "latest").read_text()
     assert latest == f"step{stopped:08d}" and (run_dir / "checkpoints" / latest / "COMPLETE").is_file()
-    resumed = subprocess.run(command(shards, run_dir, "--resume", "latest", "--stop-at", str(stopped + 1)), cwd=REPO, env=env(),
+    resumed = subprocess.run(command(world_shards, run_dir, "--resume", "latest", "--stop-at", str(stopped + 1)), cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / latest} at step {stopped}" in resumed.stdout + resumed.stderr
@@ -100,16 +90,16 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
-def test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint(shards, small_disk):
+def test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint(world_shards, small_disk):
     run_dir = small_disk.parent
-    first = subprocess.run(command(shards, run_dir, "--stop-at", "2"), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command(world_shards, run_dir, "--stop-at", "2"), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (small_disk / "latest").read_text() == "step00000002"
     used = int(subprocess.run(["du", "-sk", str(small_disk)], capture_output=True, text=True).stdout.split()[0])
     # shrink the filesystem to what it holds plus 64 KiB: the next save cannot fit
     shrink = subprocess.run(["mount", "-o", f"remount,size={used + 64}k", str(small_disk)], capture_output=True, text=True)
     assert shrink.returncode == 0, shrink.stderr
-    second = subprocess.run(command(shards, run_dir, "--resume", "latest", "--stop-at", "4"), cwd=REPO, env=env(),
+    second = subprocess.run(command(world_shards, run_dir, "--resume", "latest", "--stop-at", "4"), cwd=REPO, env=env(),
                             capture_output=True, text=True, timeout=EXIT_BOUND_S + 300)
     out = second.stdout + second.stderr
     assert second.returncode != 0
@@ -120,12 +110,12 @@ def test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint(sha
     assert (small_disk / "step00000002" / "COMPLETE").is_file()
 
 
-def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(shards, tmp_path):
+def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(world_shards, tmp_path):
     """SIGKILL one rank mid-run: the launcher ends the other within the bound; --resume latest then gives the
     same losses as a run that was never interrupted."""
     saving = ["--set", "train.save_every=2"]
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(command(shards, killed_dir, *saving), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command(world_shards, killed_dir, *saving), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -146,11 +136,11 @@ def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(shards, t
     print(f"job down {took:.1f} s after SIGKILL of rank 1")
     resume_from = int((killed_dir / "checkpoints" / "latest").read_text()[4:])
     stop = resume_from + 2
-    resumed = subprocess.run(command(shards, killed_dir, *saving, "--resume", "latest", "--stop-at", str(stop)), cwd=REPO,
+    resumed = subprocess.run(command(world_shards, killed_dir, *saving, "--resume", "latest", "--stop-at", str(stop)), cwd=REPO,
                              env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight_dir = tmp_path / "straight"
-    straight = subprocess.run(command(shards, straight_dir, *saving, "--stop-at", str(stop)), cwd=REPO, env=env(),
+    straight = subprocess.run(command(world_shards, straight_dir, *saving, "--stop-at", str(stop)), cwd=REPO, env=env(),
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -163,13 +153,13 @@ def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(shards, t
         assert after[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
-def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(shards, tmp_path):
+def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(world_shards, tmp_path):
     """torchrun --max-restarts 1 with --resume latest: a killed rank brings an automatic restart from the newest
     complete checkpoint, no person involved; the run completes with the losses of an uninterrupted one."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
 
     def cmd(run_dir: Path) -> list[str]:
-        sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={shards}", f"train.run_dir={run_dir}",
+        sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}", f"train.run_dir={run_dir}",
                 "data.batch_size=8", "data.num_workers=0", "train.max_steps=14", "train.save_every=2", "train.log_every=1",
                 "eval.splits=[]"]
         return [torchrun, "--nproc_per_node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.data.shards import BuildOptions, build_shards
-from mmscale.data.world import WorldSpec, generate_world
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
@@ -32,14 +30,6 @@ def namespaces_permitted():
         pytest.skip(f"network namespaces are not permitted here: {e}")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("multinode-world")
-    generate_world(root / "raw", WorldSpec(num_users=60, num_items=80, min_interactions_per_user=8, max_interactions_per_user=20))
-    build_shards(root / "raw", root / "shards", BuildOptions(progress=False, workers=1))
-    return root / "shards"
-
-
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
@@ -54,18 +44,18 @@ def worker_losses(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_process(shards, tmp_path_factory) -> list[dict]:
+def one_process(world_shards, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("one-process")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    subprocess.run([sys.executable, str(WORKER), "--shards", str(shards), "--run-dir", str(out / "run"), "--out", str(out / "l.json"),
+    subprocess.run([sys.executable, str(WORKER), "--shards", str(world_shards), "--run-dir", str(out / "run"), "--out", str(out / "l.json"),
                     "--zero-stage", "3"], cwd=REPO, env=env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}, check=True,
                    capture_output=True, timeout=600)
     return worker_losses(out / "l.json")
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_two_nodes_match_one_process(launcher, shards, one_process, tmp_path):
-    code = run_two_nodes(launcher, [str(WORKER), "--shards", str(shards), "--run-dir", str(tmp_path / "run"),
+def test_two_nodes_match_one_process(launcher, world_shards, one_process, tmp_path):
+    code = run_two_nodes(launcher, [str(WORKER), "--shards", str(world_shards), "--run-dir", str(tmp_path / "run"),
                                     "--out", str(tmp_path / "l.json"), "--zero-stage", "3"], timeout_s=900)
     assert code == 0
     assert json.loads((tmp_path / "run" / "run_info.json").read_text())["derived"]["world_size"] == 4
@@ -78,10 +68,10 @@ def test_two_nodes_match_one_process(launcher, shards, one_process, tmp_path):
                 if ns.startswith(f"mm{os.getpid() % 100000}n")], "namespaces left behind"
 
 
-def test_a_two_node_checkpoint_resumes_on_one_node(shards, tmp_path):
-    """ZeRO-3 shards written by 2 nodes x 2 ranks load into 4 ranks of one node; the run goes on as if unbroken."""
+def test_a_two_node_checkpoint_resumes_on_one_node(world_shards, tmp_path):
+    """ZeRO-3 world_shards written by 2 nodes x 2 ranks load into 4 ranks of one node; the run goes on as if unbroken."""
     def train(run_dir: Path, *extra: str) -> list[str]:
-        sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={shards}", f"train.run_dir={run_dir}",
+        sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}", f"train.run_dir={run_dir}",
                 "train.deepspeed_config=ds_configs/zero3.json", "data.batch_size=4", "data.num_workers=0", "train.max_steps=4",
                 "train.log_every=1", "eval.splits=[]"]
         return ["launch/train.py", *[a for s in sets for a in ("--set", s)], *extra]

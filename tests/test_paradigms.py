@@ -11,25 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmscale.data.shards import BuildOptions, build_shards
-from mmscale.data.world import WorldSpec, generate_world
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("paradigms")
-    generate_world(root / "raw", WorldSpec(num_users=60, num_items=80, min_interactions_per_user=8, max_interactions_per_user=20))
-    build_shards(root / "raw", root / "shards", BuildOptions(progress=False, workers=1))
-    return root / "shards"
-
-
-def train(shards: Path, run_dir: Path, *overrides: str) -> list[dict]:
+def train(world_shards: Path, run_dir: Path, *overrides: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO)
-    cmd = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", "--set", f"data.shards={shards}",
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", "--set", f"data.shards={world_shards}",
            "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=16", "--set", "train.max_steps=8",
            "--set", "train.log_every=1", "--set", "optim.warmup_steps=1", "--set", "eval.splits=[valid]",
            "--set", "train.save_every=4", "--set", "train.keep_last=3"]
@@ -51,8 +41,8 @@ def changed(a: dict, b: dict, prefix: str) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
 
 
-def test_fine_tuned_adapts_then_freezes_the_encoder(shards, tmp_path):
-    logged = train(shards, tmp_path, "encoder.paradigm=fine_tuned", "encoder.adapt_steps=4")
+def test_fine_tuned_adapts_then_freezes_the_encoder(world_shards, tmp_path):
+    logged = train(world_shards, tmp_path, "encoder.paradigm=fine_tuned", "encoder.adapt_steps=4")
     steps = {e["step"]: e for e in logged if "loss/total" in e}
     assert all("loss/itc" in steps[s] and "loss/rec" not in steps[s] for s in range(1, 5))
     assert all("loss/rec" in steps[s] and "loss/itc" not in steps[s] for s in range(5, 9))
@@ -63,8 +53,8 @@ def test_fine_tuned_adapts_then_freezes_the_encoder(shards, tmp_path):
     assert "eval/valid/recall@20" in logged[-1]
 
 
-def test_frozen_never_updates_the_encoder(shards, tmp_path):
-    train(shards, tmp_path, "encoder.paradigm=frozen", "objectives.weights.itc=0")
+def test_frozen_never_updates_the_encoder(world_shards, tmp_path):
+    train(world_shards, tmp_path, "encoder.paradigm=frozen", "objectives.weights.itc=0")
     first, final = weights(tmp_path, "step00000004"), weights(tmp_path, "step00000008")
     assert not changed(first, final, "encoder.")
     assert changed(first, final, "user_tower.")
@@ -73,6 +63,6 @@ def test_frozen_never_updates_the_encoder(shards, tmp_path):
     from mmscale.tasks.two_tower import RecommendationTask
 
     torch.manual_seed(0)
-    config = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "encoder.paradigm=frozen", "objectives.weights.itc=0"])
+    config = load_config(REPO / "configs/demo.yaml", [f"data.shards={world_shards}", "encoder.paradigm=frozen", "objectives.weights.itc=0"])
     fresh = RecommendationTask(config, 60, 80).state_dict()
     assert all(torch.equal(fresh[k], final[k]) for k in final if k.startswith("encoder."))
