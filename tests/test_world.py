@@ -169,3 +169,28 @@ def test_spec_rejects_impossible_worlds():
         WorldSpec(min_interactions_per_user=30, max_interactions_per_user=20)
     with pytest.raises(ValueError):
         WorldSpec(missing_image_fraction=1.5)
+
+
+def test_grouped_picks_follow_the_per_item_distribution():
+    """Picks are drawn by attribute group, then item; exactly, that is the per-item law: a user's k-th pick
+    is item i with probability exp(strength x score) x popularity over the unseen items. Checked on the
+    second pick (which must skip the first) of many users who share the same tastes."""
+    from mmscale.data import world
+
+    spec = WorldSpec(num_users=40_000, num_items=12, min_interactions_per_user=2, max_interactions_per_user=2,
+                     sequential_fraction=0.0, noise_fraction=0.0)
+    rng = np.random.default_rng(3)
+    items = world._draw_items(rng, spec)
+    users = world._draw_users(rng, spec)
+    for weights in (users.colour_weight, users.shape_weight, users.pattern_weight):
+        weights[:] = weights[0]  # everyone has user 0's tastes
+    groups = world._Groups(items)
+    scores = groups.scores(users)
+    picks, _ = world._draw_sequences(rng, spec, items, groups, scores, progress=False)
+    appeal = np.exp(spec.preference_strength * scores[0, groups.of_item]) * items.popularity
+    first = appeal / appeal.sum()
+    # P(second = j) = sum over first picks i != j of P(i) P(j | i unseen excluded)
+    expected = np.array([sum(first[i] * appeal[j] / (appeal.sum() - appeal[i]) for i in range(12) if i != j) for j in range(12)])
+    assert (picks[:, 0] != picks[:, 1]).all()
+    np.testing.assert_allclose(np.bincount(picks[:, 0], minlength=12) / spec.num_users, first, atol=0.01)
+    np.testing.assert_allclose(np.bincount(picks[:, 1], minlength=12) / spec.num_users, expected, atol=0.01)

@@ -15,7 +15,7 @@ import time
 from mmscale.data.world import WorldSpec, generate_world
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, WorldSpec]:
+def parse_args(argv: list[str] | None = None) -> tuple[str, WorldSpec, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     d = WorldSpec()
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, WorldSpec]:
     p.add_argument("--preference-strength", type=float, default=d.preference_strength, help="higher: users' picks more peaked on their tastes")
     p.add_argument("--sequential-fraction", type=float, default=d.sequential_fraction, help="picks that share an attribute with the previous pick")
     p.add_argument("--noise-fraction", type=float, default=d.noise_fraction, help="uniformly random picks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     spec = WorldSpec(
         num_users=args.users,
@@ -44,13 +45,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, WorldSpec]:
         sequential_fraction=args.sequential_fraction,
         noise_fraction=args.noise_fraction,
     )
-    return args.out_dir, spec
+    return args.out_dir, spec, not args.quiet
 
 
 def main(argv: list[str] | None = None) -> None:
-    out_dir, spec = parse_args(argv)
+    out_dir, spec, progress = parse_args(argv)
     started = time.perf_counter()
-    summary = generate_world(out_dir, spec)
+    summary = generate_world(out_dir, spec, progress)
     print(f"wrote {out_dir} in {time.perf_counter() - started:.1f}s")
     for key, value in summary.items():
         print(f"  {key}: {value}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -162,51 +163,112 @@ def _draw_users(rng: np.random.Generator, spec: WorldSpec) -> _Users:
     return _Users(colour_weight, shape_weight, pattern_weight)
 
 
-def _preference_scores(users: _Users, items: _Items) -> np.ndarray:
-    """(users, items) score: the sum of the user's weights for the item's attributes."""
-    return users.colour_weight[:, items.colour] + users.shape_weight[:, items.shape] + users.pattern_weight[:, items.pattern]
+class _Groups:
+    """Items grouped by what users care about (colour, shape, pattern): a user's score is a function
+    of the group alone, so picks are drawn as a group, then an item within it by popularity. This
+    keeps generation linear in users and items (a million items fits) instead of users x items."""
+
+    def __init__(self, items: _Items):
+        shapes, patterns = len(SHAPES), len(PATTERNS)
+        self.count = len(COLOURS) * shapes * patterns
+        group = np.arange(self.count)
+        # Rows: colour, shape, pattern of each group; also what "shares an attribute" compares.
+        self.attributes = np.stack([group // (shapes * patterns), group // patterns % shapes, group % patterns])
+        self.of_item = (items.colour * shapes + items.shape) * patterns + items.pattern
+        self.order = np.argsort(self.of_item, kind="stable")  # items sorted by group
+        self.cumulative = np.cumsum(items.popularity[self.order])
+        self.first = np.searchsorted(self.of_item[self.order], group)
+        self.size = np.bincount(self.of_item, minlength=self.count)
+        self.mass = np.bincount(self.of_item, weights=items.popularity, minlength=self.count)
+        self.mass_before = np.concatenate([[0.0], self.cumulative])[self.first]
+
+    def scores(self, users: _Users) -> np.ndarray:
+        """(users, groups): the sum of the user's weights for the group's attributes."""
+        colour, shape, pattern = self.attributes
+        return users.colour_weight[:, colour] + users.shape_weight[:, shape] + users.pattern_weight[:, pattern]
+
+    def item_by_popularity(self, group: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """An item of each group drawn with probability proportional to popularity."""
+        position = np.searchsorted(self.cumulative, self.mass_before[group] + uniform * self.mass[group], side="right")
+        return self.order[np.clip(position, self.first[group], self.first[group] + self.size[group] - 1)]
 
 
-def _draw_sequences(rng: np.random.Generator, spec: WorldSpec, items: _Items, scores: np.ndarray) -> list[np.ndarray]:
-    """Each user's items in order, without repeats."""
-    appeal = np.exp(spec.preference_strength * scores) * items.popularity[None, :]
-    attributes = np.stack([items.colour, items.shape, items.pattern])  # (3, items)
+def _categorical(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
+    """One column index per row, drawn with probability proportional to the row's weights."""
+    cumulative = np.cumsum(weights, axis=1)
+    threshold = rng.random(len(weights)) * cumulative[:, -1]
+    return np.minimum((cumulative <= threshold[:, None]).sum(axis=1), weights.shape[1] - 1)
+
+
+def _draw_sequences(rng: np.random.Generator, spec: WorldSpec, items: _Items, groups: _Groups, scores: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(users, longest) item indices, each user's in order without repeats and padded with -1, and
+    the users' lengths; one step of every user at a time.
+
+    A pick is exactly a draw over the user's unseen items proportional to exp(strength * score) x
+    popularity: the group is drawn from each user's unseen popularity mass per group, the item within
+    it by popularity, redrawn while it is one the user has already picked (rejection keeps the draw
+    exact: the group still holds unseen mass)."""
     lengths = rng.integers(spec.min_interactions_per_user, spec.max_interactions_per_user + 1, size=spec.num_users)
-    sequences = []
-    for user, length in enumerate(lengths):
-        unseen = np.ones(spec.num_items, dtype=bool)
-        sequence = np.empty(length, dtype=np.int64)
-        for step in range(length):
-            mode = rng.random()
-            if mode < spec.noise_fraction:
-                weights = unseen.astype(float)
-            else:
-                weights = appeal[user] * unseen
-                if step > 0 and mode < spec.noise_fraction + spec.sequential_fraction:
-                    kind = rng.integers(len(attributes))
-                    shares = attributes[kind] == attributes[kind, sequence[step - 1]]
-                    # Fall back to the unrestricted pick when every sharing item is already seen.
-                    if (weights * shares).sum() > 0:
-                        weights = weights * shares
-            item = rng.choice(spec.num_items, p=weights / weights.sum())
-            sequence[step] = item
-            unseen[item] = False
-        sequences.append(sequence)
-    return sequences
+    appeal = np.exp(spec.preference_strength * scores)
+    unseen_mass = np.tile(groups.mass, (spec.num_users, 1))
+    unseen_count = np.tile(groups.size, (spec.num_users, 1))
+    picks = np.full((spec.num_users, lengths.max()), -1, dtype=np.int64)
+    for step in tqdm(range(lengths.max()), desc="interactions: steps", unit="step", disable=not progress):
+        users = np.flatnonzero(lengths > step)
+        mode = rng.random(len(users))
+        kind = rng.integers(len(groups.attributes), size=len(users))
+        noise = mode < spec.noise_fraction
+        item = np.empty(len(users), dtype=np.int64)
+
+        chooser = ~noise
+        weights = appeal[users[chooser]] * unseen_mass[users[chooser]]
+        if step > 0:
+            sequential = mode[chooser] < spec.noise_fraction + spec.sequential_fraction
+            previous = groups.of_item[picks[users[chooser], step - 1]]
+            attribute = groups.attributes[kind[chooser]]  # (choosers, groups): the compared attribute
+            shares = attribute == attribute[np.arange(len(previous)), previous][:, None]
+            restricted = weights * shares
+            # Fall back to the unrestricted pick when every sharing item is already seen.
+            use = sequential & (restricted.sum(axis=1) > 0)
+            weights[use] = restricted[use]
+        group = _categorical(rng, weights)
+        chooser_index = np.cumsum(chooser) - 1  # position of each chooser's row in `group`
+
+        pending = np.ones(len(users), dtype=bool)
+        while pending.any():
+            todo = np.flatnonzero(pending)
+            is_noise = noise[todo]
+            draws = np.empty(len(todo), dtype=np.int64)
+            draws[is_noise] = rng.integers(spec.num_items, size=int(is_noise.sum()))
+            picked_group = group[chooser_index[todo[~is_noise]]]
+            draws[~is_noise] = groups.item_by_popularity(picked_group, rng.random(len(picked_group)))
+            item[todo] = draws
+            pending[todo] = (picks[users[todo], :step] == draws[:, None]).any(axis=1)
+
+        picks[users, step] = item
+        picked = groups.of_item[item]
+        unseen_count[users, picked] -= 1
+        unseen_mass[users, picked] -= items.popularity[item]
+        unseen_mass[users, picked] *= unseen_count[users, picked] > 0  # exactly zero once a group is used up
+    return picks, lengths
 
 
-def _ratings(rng: np.random.Generator, picked_scores: np.ndarray, best_score: float) -> np.ndarray:
+def _ratings(rng: np.random.Generator, picked_scores: np.ndarray, best_score: np.ndarray) -> np.ndarray:
     """1-5 stars rising with the item's score relative to the user's best possible score."""
-    relative = picked_scores / max(best_score, 1e-9)  # a tiny world may hold no item the user likes
+    relative = picked_scores / np.maximum(best_score, 1e-9)  # a tiny world may hold no item the user likes
     stars = np.rint(1.5 + 3.5 * relative + rng.normal(0.0, 0.6, size=relative.shape))
     return np.clip(stars, 1, 5).astype(int)
 
 
-def _timestamps(rng: np.random.Generator, spec: WorldSpec, length: int) -> np.ndarray:
-    """Strictly increasing unix seconds in 2020: a random start, then gaps of at least a minute."""
-    start = EPOCH_2020 + int(rng.integers(0, 200 * DAY))
-    gaps = 60 + np.floor(rng.exponential(spec.mean_gap_days * DAY, size=length)).astype(np.int64)
-    return start + np.cumsum(gaps) - gaps[0]
+def _timestamps(rng: np.random.Generator, spec: WorldSpec, lengths: np.ndarray) -> np.ndarray:
+    """Per user, strictly increasing unix seconds in 2020: a random start, then gaps of at least a
+    minute; one flat array, users one after another."""
+    start = EPOCH_2020 + rng.integers(0, 200 * DAY, size=len(lengths))
+    gaps = 60 + np.floor(rng.exponential(spec.mean_gap_days * DAY, size=int(lengths.sum()))).astype(np.int64)
+    user_first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    elapsed = np.cumsum(gaps)
+    # Each user's clock starts at their first interaction: subtract the running sum up to it.
+    return np.repeat(start - elapsed[user_first], lengths) + elapsed
 
 
 def _attribute_words(items: _Items, k: int) -> dict[str, str]:
@@ -382,7 +444,7 @@ occur in the user's history (a content-only baseline) for about 30%.
 """
 
 
-def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
+def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec(), progress: bool = False) -> dict:
     """Writes the world's raw layout into out_dir; returns counts of what was written."""
     out = Path(out_dir)
     image_dir = out / "images"
@@ -390,24 +452,27 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
     rng = np.random.default_rng(spec.seed)
     items = _draw_items(rng, spec)
     users = _draw_users(rng, spec)
-    scores = _preference_scores(users, items)
-    sequences = _draw_sequences(rng, spec, items, scores)
+    groups = _Groups(items)
+    scores = groups.scores(users)
+    picks, lengths = _draw_sequences(rng, spec, items, groups, scores, progress)
 
-    rows = []  # (timestamp, user, item, rating); ids are 1-based like MovieLens
-    for user, sequence in enumerate(sequences):
-        ratings = _ratings(rng, scores[user, sequence], scores[user].max())
-        for timestamp, item, rating in zip(_timestamps(rng, spec, len(sequence)), sequence, ratings):
-            rows.append((int(timestamp), user + 1, int(item) + 1, int(rating)))
-    rows.sort()
+    # One row per interaction, users one after another; ids are 1-based like MovieLens.
+    user = np.repeat(np.arange(spec.num_users), lengths)
+    item = picks[picks >= 0]
+    best = np.where(groups.size > 0, scores, -np.inf).max(axis=1)
+    rating = _ratings(rng, scores[user, groups.of_item[item]], best[user])
+    timestamp = _timestamps(rng, spec, lengths)
+    rows = np.stack([user + 1, item + 1, rating, timestamp], axis=1)[np.lexsort((rating, item, user, timestamp))]
     with open(out / "interactions.csv", "w", encoding="utf-8", newline="") as f:
         f.write("user_id,item_id,rating,timestamp\n")
-        f.writelines(f"{user},{item},{rating},{timestamp}\n" for timestamp, user, item, rating in rows)
+        for chunk in np.array_split(rows, max(1, len(rows) // 100_000)):
+            f.writelines(f"{u},{i},{r},{t}\n" for u, i, r, t in chunk.tolist())
 
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(_item_record(items, k)) + "\n" for k in range(spec.num_items))
 
     written = set()
-    for k in np.flatnonzero(items.has_image):
+    for k in tqdm(np.flatnonzero(items.has_image), desc="images", unit="img", disable=not progress):
         name = f"{k + 1}.jpg"
         (image_dir / name).write_bytes(_render_jpeg(items, k, spec.image_size, spec.jpeg_quality))
         written.add(name)
