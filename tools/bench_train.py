@@ -49,6 +49,8 @@ from typing import Callable
 
 import psutil
 
+from mmscale.engine.scale_plan import FORMULAS, model_state_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 OPEN_CLIP_TRAIN = REPO / "tools" / "_bench_common.py"  # open_clip_train.main, able to run on several CPU ranks
@@ -56,15 +58,6 @@ CLIP_ALONE = {"rec": 0, "itc": 1}
 JOINT = {"rec": 1, "itc": 1}
 MEMORY_STEPS = 3  # measured after a first step (Adam's state exists from then on)
 MEMORY_BATCH = 8  # per rank: small activations, so model states dominate what differs between stages
-# Per-rank bytes of model states per parameter, (replicated, partitioned over N ranks), by ZeRO stage.
-# Mixed precision (ZeRO paper): 2 fp16 params + 2 fp16 grads + 12 optimizer (fp32 master, Adam m, v).
-MIXED = {0: (16, 0), 1: (4, 12), 2: (2, 14), 3: (0, 16)}
-# fp32 under DeepSpeed: 4 params + 4 grads + 8 Adam m, v; stages 1 and 2 also keep an fp32 clone of
-# the rank's parameter partition (single_partition_of_fp32_groups, +4/N); stage 0 steps the torch
-# optimizer on the parameters and stage 3 shares the fp32 partition, so neither has a copy.
-FP32_DEEPSPEED = {0: (16, 0), 1: (8, 12), 2: (4, 16), 3: (0, 16)}
-MIXED_TEXT = {0: "16Ψ", 1: "4Ψ+12Ψ/N", 2: "2Ψ+14Ψ/N", 3: "16Ψ/N"}
-FP32_TEXT = {0: "16Ψ", 1: "8Ψ+12Ψ/N", 2: "4Ψ+16Ψ/N", 3: "16Ψ/N"}
 PEER_PACKAGES = ["open_clip_torch", "webdataset==0.2.86", "pandas", "braceexpand", "fsspec"]
 OPEN_CLIP_LOG_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\s*\d+ .*?\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)")
 
@@ -124,10 +117,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_env(ranks: int) -> dict:
-    """No launcher variables leak in; each rank gets its share of the cores; mmscale importable."""
+def rank_env(ranks: int, threads: int | None = None) -> dict:
+    """No launcher variables leak in; each rank gets its share of the cores (or `threads`); mmscale importable."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // ranks))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -237,9 +230,10 @@ def logged_windows(metrics: Path, global_batch: int) -> list[tuple[int, int, flo
 
 def run_mmscale(args, work: Path, name: str, *, weights: dict, stage: int, ranks: int, model: str,
                 batch_size: int, warmup: int, steps: int, window: int, watch_memory: bool = False,
-                encoder: dict | None = None) -> Run:
+                encoder: dict | None = None, threads: int | None = None, return_freed_memory: bool = True) -> Run:
     """launch/train.py on the demo recipe with these overrides, logging every `window` steps
-    (`encoder`: further encoder.* settings, e.g. a VLMo's kind and tokenizer)."""
+    (`encoder`: further encoder.* settings, e.g. a VLMo's kind and tokenizer; `threads`: per rank;
+    `return_freed_memory`: when watching memory, make RSS fall as tensors are freed, at a cost in speed)."""
     run_dir, total = work / name, warmup + steps
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to
     overrides = {
@@ -263,11 +257,12 @@ def run_mmscale(args, work: Path, name: str, *, weights: dict, stage: int, ranks
         return bool(windows) and windows[-1][1] < total
 
     load = os.getloadavg()[0]
-    env, watch = rank_env(ranks), None
-    if watch_memory:
+    env, watch = rank_env(ranks, threads), None
+    if watch_memory and return_freed_memory:
         # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so RSS would not drop when
         # DeepSpeed frees the replicated copies; a fixed 64 KiB threshold returns freed tensors to the system.
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    if watch_memory:
         watch = lambda pid: RankMemoryWatch(pid, in_training)  # noqa: E731
     memory = run_logged(launcher + [str(TRAIN_SCRIPT), "--config", str(REPO / "configs/demo.yaml"), *sets],
                         env, work / f"{name}.log", watch)
@@ -398,9 +393,8 @@ def print_throughput(args, clip: Throughput, peer: Throughput | None, joint: Thr
     print(f"step cost, joint / CLIP alone: {clip.median / joint.median:.2f}x (medians), {clip.best / joint.best:.2f}x (best windows)")
 
 
-def model_states(table: dict[int, tuple[int, int]], stage: int, psi: int, ranks: int) -> float:
-    replicated, partitioned = table[stage]
-    return (replicated + partitioned / ranks) * psi
+def model_states(precision: str, stage: int, psi: int, ranks: int) -> float:
+    return sum(model_state_bytes(psi, ranks, stage, precision).values())
 
 
 def memory_section(args, work: Path) -> None:
@@ -418,9 +412,9 @@ def memory_section(args, work: Path) -> None:
           f"{'Δ predicted':>12} {'peak RSS':>10} {'ms/step':>8} {'load(1m)':>9}")
     for stage, run in runs.items():
         training, speed = max(run.memory.training.values()), Throughput.of([run])
-        mixed = f"{MIXED_TEXT[stage]} = {model_states(MIXED, stage, psi, ranks) / mib:.0f}"
-        fp32 = f"{FP32_TEXT[stage]} = {model_states(FP32_DEEPSPEED, stage, psi, ranks) / mib:.0f}"
-        predicted = (model_states(FP32_DEEPSPEED, stage, psi, ranks) - model_states(FP32_DEEPSPEED, 0, psi, ranks)) / mib
+        mixed = f"{FORMULAS['bf16'][stage]} = {model_states('bf16', stage, psi, ranks) / mib:.0f}"
+        fp32 = f"{FORMULAS['fp32'][stage]} = {model_states('fp32', stage, psi, ranks) / mib:.0f}"
+        predicted = (model_states('fp32', stage, psi, ranks) - model_states('fp32', 0, psi, ranks)) / mib
         print(f"{stage:5d} {mixed:>22} {fp32:>22} {training / mib:13.0f} {(training - base) / mib:10.0f} {predicted:12.0f} "
               f"{max(run.memory.peak.values()) / mib:10.0f} {speed.ms_per_step(speed.median):8.0f} {run.load:9.2f}")
     print("RSS training: the largest rank's resident set during steps 2-4 (after Adam's state exists, before the final\n"

@@ -48,8 +48,9 @@ class CLIPEncoder(ItemEncoder):
         name = _resolve_model(model)
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(f"encoder.pretrained: {pretrained} does not exist (weights load from local files only)")
-        # pretrained=None: nothing is fetched; a local file is loaded by open_clip's own loader.
-        self.clip = open_clip.create_model(name, pretrained=pretrained)
+        # pretrained=None: nothing is fetched; a local file is loaded by open_clip's own loader. The default
+        # device, not open_clip's "cpu", so that a `with torch.device("meta")` build stays there (scale planning).
+        self.clip = open_clip.create_model(name, pretrained=pretrained, device=torch.get_default_device())
         if grad_checkpointing:
             self.clip.set_grad_checkpointing(True)
         self._was_0d = at_least_1d_parameters(self.clip)
