@@ -10,7 +10,7 @@
 Without CUDA, DeepSpeed's CPU accelerator and the gloo backend are selected automatically.
 SIGTERM (a scheduler's preemption notice) saves a checkpoint at the next step boundary and exits 0.
 Exit status: 0 done or stopped on request, 2 bad config/data/resume path, 3 a checkpoint could not be
-saved (the previous complete one stays the latest).
+saved (the previous complete one stays the latest), 4 a rank was lost (the message names it).
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     except SaveError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 3
+    except RuntimeError as e:  # a collective failed: say which rank was lost, if one was
+        from mmscale.engine.distributed import lost_ranks
+
+        lost = trainer.dist.world_size > 1 and lost_ranks()
+        if not lost:
+            raise
+        print(f"train: error: rank {trainer.dist.rank}: {lost}; resume with --resume latest ({str(e).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return 4
     if result["stopped"]:
         if trainer.dist.is_main:
             print(f"stopped at step {result['step']} on request, checkpoint saved; continue with --resume latest")

@@ -131,6 +131,7 @@ def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(world_sha
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0 and took < EXIT_BOUND_S, out[-3000:]
+    assert f"rank 0: lost rank 1 (pid {victim.pid} on " in out, out[-3000:]
     survivors = [p for p in psutil.process_iter(["cmdline"]) if f"train.run_dir={killed_dir}" in (p.info["cmdline"] or [])]
     assert not survivors, "a rank outlived the job"
     print(f"job down {took:.1f} s after SIGKILL of rank 1")

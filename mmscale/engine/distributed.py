@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -60,10 +61,34 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     global _host_group
     # Host-side flags (stop requested, save failed) travel over gloo: no device synchronisation per step.
     _host_group = dist.new_group(backend="gloo") if cuda and dist.get_world_size() > 1 else None
+    global _ranks
+    _ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(_ranks, (socket.gethostname(), os.getpid()))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
 
 
 _host_group = None
+_ranks: list[tuple[str, int]] = []  # (host, pid) of every rank, learnt at start: who is gone when a collective fails
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped by its launcher
+    except psutil.NoSuchProcess:
+        return True
+
+
+def lost_ranks() -> str | None:
+    """After a collective failed: names the ranks that have exited, as far as this host can see (its own
+    ranks' processes; a rank elsewhere is named by its node's launcher). None when all of them still run."""
+    host = socket.gethostname()
+    gone = [f"rank {rank} (pid {pid} on {host})" for rank, (rank_host, pid) in enumerate(_ranks) if rank_host == host and _exited(pid)]
+    elsewhere = sorted({rank_host for rank_host, _ in _ranks if rank_host != host})
+    if gone:
+        return f"lost {', '.join(gone)}: it exited while the others waited for it"
+    if elsewhere:
+        return f"every rank on {host} still runs; the lost rank is on {', '.join(elsewhere)} (its launcher's log names it)"
+    return None
 
 
 def any_rank(flag: bool) -> bool:
