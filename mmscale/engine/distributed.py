@@ -52,8 +52,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         # Oversubscribed torch threads make CPU ranks several times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    backend, timeout = ("nccl" if cuda else "gloo"), timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not dist.is_initialized() and attempt not in (None, "0"):
+        # A torchrun restart reuses its agent's store, where the dead round's process groups left their
+        # peers' addresses under the same names; a prefix per attempt keeps the new groups from meeting them.
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"mmscale/attempt{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout)
+    if not deepspeed.comm.is_initialized():  # wraps a process group made above, or makes one
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
