@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Loader throughput: samples/s and unique-item images decoded/s, per worker, at the model's resolution.
+"""Loader throughput: samples/s and unique-item images decoded/s, per worker, at the model's resolution;
+the item store's random-access latency and memory.
 
-    python tools/bench_loader.py SHARD_DIR [--model ViT-B-32] [--workers 1,2] [--batches 30]
+    python tools/bench_loader.py SHARD_DIR [--model ViT-B-32] [--workers 1,2] [--batches 30] [--lookups 20000]
 
 Figures are printed last. Two settings: targets only (what the end-to-end recommender
-decodes by default) and targets + history items (history_content).
+decodes by default) and targets + history items (history_content). The item store is read at
+--lookups uniformly random items (image bytes and text each), twice: the first pass touches pages
+that may not be in memory yet (cold unless the page cache already holds the shards), the second
+reads the same items again.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+import psutil
+
+from mmscale.data.item_store import ItemStore
 from mmscale.data.stream import InteractionStream, make_loader
 from mmscale.models import build_preprocess
 from mmscale.config import EncoderConfig
@@ -32,6 +40,27 @@ def measure(shard_dir: str, model: str, workers: int, batches: int, batch_size: 
     return {"samples_per_s": samples / seconds, "images_per_s": items / seconds, "items_per_batch": items / batches}
 
 
+def item_store_access(shard_dir: str, lookups: int, seed: int = 0) -> dict:
+    """Latency percentiles (µs) of one item's image and text, per pass, and resident memory (bytes)."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    store = ItemStore(shard_dir)
+    opened = process.memory_info().rss
+    items = np.random.default_rng(seed).integers(len(store), size=lookups)
+    passes = {}
+    for name in ("first pass", "second pass"):
+        seconds = np.empty(lookups)
+        for k, item in enumerate(items.tolist()):
+            start = time.perf_counter()
+            store.image(item)
+            store.text(item)
+            seconds[k] = time.perf_counter() - start
+        passes[name] = np.percentile(seconds * 1e6, [50, 99])
+    index = sum(getattr(store, name).nbytes for name in ("_shard", "_image_offset", "_image_size", "_image_ext", "_text_offset", "_text_size"))
+    return {"items": len(store), "passes": passes, "index_bytes": index, "rss_open": opened - before,
+            "rss_after": process.memory_info().rss - before}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shard_dir")
@@ -39,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lookups", type=int, default=20000, help="random item-store reads per pass (0: skip)")
     args = p.parse_args(argv)
+    store = item_store_access(args.shard_dir, args.lookups) if args.lookups else None
     rows = []
     for history_content in (False, True):
         for workers in (int(w) for w in args.workers.split(",")):
@@ -48,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'content':16} {'workers':>7} {'samples/s':>10} {'images/s':>9} {'images/s/worker':>16} {'images/batch':>13}")
     for content, workers, r in rows:
         print(f"{content:16} {workers:7d} {r['samples_per_s']:10.1f} {r['images_per_s']:9.1f} {r['images_per_s'] / workers:16.1f} {r['items_per_batch']:13.1f}")
+    if store:
+        mib = 2**20
+        print(f"\nitem store: {store['items']:,} items; index {store['index_bytes'] / mib:.1f} MiB; resident memory "
+              f"+{store['rss_open'] / mib:.1f} MiB once open, +{store['rss_after'] / mib:.1f} MiB after the reads (mapped pages)")
+        print(f"{'random reads':16} {'lookups':>8} {'p50 µs':>8} {'p99 µs':>8}")
+        for name, (p50, p99) in store["passes"].items():
+            print(f"{name:16} {args.lookups:8d} {p50:8.1f} {p99:8.1f}")
     return 0
 
 
