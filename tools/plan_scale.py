@@ -31,9 +31,7 @@ import atexit
 import json
 import os
 import shutil
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -43,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import bench_train  # beside this script: its training runs and memory watch
+from bench_train import free_port
 from mmscale.config import load_config
 from mmscale.engine.scale_plan import FORMULAS, Hardware, ModelProfile, plan, profile_model
 from mmscale.models.vlmo import build_wordpiece_tokenizer
@@ -118,12 +118,6 @@ def print_plans(args) -> None:
 
 
 # -- validation on CPU ranks -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _device_worker(rank: int, ranks: int, port: int, model: str, batch: int, repeats: int, mib: int, out: str) -> None:
     """One thread per rank, as in the training runs: all ranks run the encoder's forward and backward on
     random inputs at once, then time gloo all-reduces of `mib` MiB."""
@@ -166,7 +160,7 @@ def measure_devices(profile: ModelProfile, model: str, batch: int, ranks: int, r
     gloo's all-reduce as ring bus bandwidth, GB/s per rank: the bytes each rank sends, 2(N-1)/N of the
     tensor, over the median time (inf for one rank)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        mp.spawn(_device_worker, args=(ranks, _free_port(), model, batch, repeats, mib, out.name), nprocs=ranks)
+        mp.spawn(_device_worker, args=(ranks, free_port(), model, batch, repeats, mib, out.name), nprocs=ranks)
         found = json.loads(Path(out.name).read_text())
     flops = profile.flops_per_sample * batch / found["step_s"]
     if ranks == 1:
@@ -175,9 +169,6 @@ def measure_devices(profile: ModelProfile, model: str, batch: int, ranks: int, r
 
 
 def validate(args) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    import bench_train
-
     manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
     config = load_config(REPO / "configs/demo.yaml", [f"encoder.model={args.model}"])
     profile = profile_model(config, manifest["num_users"], manifest["num_items"], "fp32", args.model)

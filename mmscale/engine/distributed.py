@@ -87,16 +87,11 @@ def _exited(pid: int) -> bool:
 
 
 def lost_ranks() -> str | None:
-    """After a collective failed: names the ranks that have exited, as far as this host can see (its own
-    ranks' processes; a rank elsewhere is named by its node's launcher). None when all of them still run."""
+    """After a collective failed: names the ranks of this host that have exited (a rank on another node
+    is named by that node's launcher). None when all of them still run: the error is then not ours to name."""
     host = socket.gethostname()
     gone = [f"rank {rank} (pid {pid} on {host})" for rank, (rank_host, pid) in enumerate(_ranks) if rank_host == host and _exited(pid)]
-    elsewhere = sorted({rank_host for rank_host, _ in _ranks if rank_host != host})
-    if gone:
-        return f"lost {', '.join(gone)}: it exited while the others waited for it"
-    if elsewhere:
-        return f"every rank on {host} still runs; the lost rank is on {', '.join(elsewhere)} (its launcher's log names it)"
-    return None
+    return f"lost {', '.join(gone)}: it exited while the others waited for it" if gone else None
 
 
 def any_rank(flag: bool) -> bool:
