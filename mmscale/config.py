@@ -39,9 +39,11 @@ class EncoderConfig:
     pretrained: str | None = None  # local checkpoint path; nothing is downloaded
     grad_checkpointing: bool = False
     # end_to_end: recommender gradients flow into the encoder; frozen: every item encoded once and
-    # cached; fine_tuned: the encoder first adapts with the image-text loss alone for adapt_steps
-    # (on the training stream's items), then is frozen and cached for the recommender.
-    paradigm: str = "end_to_end"
+    # cached; fine_tuned: the encoder first adapts with its vision-language losses alone (itc, itm, mlm as
+    # weighted) for adapt_steps (on the training stream's items), then is frozen and cached for the
+    # recommender. Unset: the task's own (two_tower and sequential joint: end_to_end; sequential
+    # pretrain/finetune on encoder features: frozen); a setting the task contradicts is an error.
+    paradigm: str | None = None
     adapt_steps: int = 200
     # How the item tower sees an item: "dual" (the image and text embeddings) or, for VLMo, "fusion"
     # (its fusion-mode [CLS] over the image and text together).
@@ -249,14 +251,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
+def _resolve_paradigm(config: Config) -> None:
+    """Fills an unset encoder.paradigm with the task's own; rejects one the task contradicts, naming the key."""
+    encoder = config.encoder
+    if config.task != "sequential":
+        encoder.paradigm = encoder.paradigm or "end_to_end"
+        return
+    seq = config.sequence
+    if seq.model == "mp4sr" and seq.mode == "joint":
+        if seq.features != "encoder":
+            raise ConfigError("sequence.features: joint mode trains the item encoder; it needs features = encoder")
+        natural, why = "end_to_end", "sequence.mode=joint trains the item encoder end to end with the sequence losses"
+    elif seq.model == "mp4sr" and seq.features == "encoder":
+        natural, why = "frozen", f"sequence.mode={seq.mode} reads the cached features of a frozen item encoder (joint mode trains it)"
+    else:
+        natural, why = "frozen", f"sequence.{'model=sasrec' if seq.model == 'sasrec' else 'features=files'} has no item encoder to adapt"
+        if encoder.paradigm in (None, "end_to_end", "frozen"):  # moot without an encoder
+            encoder.paradigm = encoder.paradigm or natural
+            return
+    if encoder.paradigm not in (None, natural):
+        raise ConfigError(f"encoder.paradigm: {encoder.paradigm!r} contradicts the sequential task: {why}; leave it unset or set {natural!r}")
+    encoder.paradigm = natural
+
+
 def validate(config: Config) -> None:
-    """Checks that each value is allowed, naming the key."""
+    """Checks that each value is allowed, naming the key; fills encoder.paradigm from the task when unset."""
     choices = {
         "task": (config.task, ("two_tower", "sequential")),
         "sequence.model": (config.sequence.model, ("sasrec", "mp4sr")),
         "sequence.mode": (config.sequence.mode, ("pretrain", "finetune", "joint")),
         "sequence.features": (config.sequence.features, ("encoder", "files")),
-        "encoder.paradigm": (config.encoder.paradigm, ("end_to_end", "frozen", "fine_tuned")),
+        "encoder.paradigm": (config.encoder.paradigm, (None, "end_to_end", "frozen", "fine_tuned")),
         "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
@@ -266,11 +291,13 @@ def validate(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    _resolve_paradigm(config)
     positive = {
         "data.batch_size": config.data.batch_size,
         "optim.grad_accum": config.optim.grad_accum,
         "recommender.embed_dim": config.recommender.embed_dim,
         "train.keep_last": config.train.keep_last,
+        "sequence.cache_refresh_steps": config.sequence.cache_refresh_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -293,10 +320,13 @@ def validate(config: Config) -> None:
         raise ConfigError("objectives.weights: rec and itc are both 0; the two_tower task would train nothing")
     if config.encoder.kind not in ("clip", "vlmo"):
         raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip, vlmo)")
-    if config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
+    if config.task == "two_tower" and config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
         raise ConfigError("objectives.weights.itc: the frozen paradigm does not train the encoder; set it to 0")
     if config.encoder.paradigm == "fine_tuned" and not config.objectives.weights.get("rec"):
         raise ConfigError("objectives.weights.rec: the fine_tuned paradigm trains the recommender after adaptation; it needs a rec weight")
+    if config.encoder.paradigm == "fine_tuned" and not any(config.objectives.weights.get(n) for n in ("itc", "itm", "mlm")):
+        raise ConfigError("objectives.weights: the fine_tuned paradigm adapts the encoder with its vision-language losses first; "
+                          "give itc (or, for VLMo, itm or mlm) a weight")
     if config.objectives.rec_temperature <= 0:
         raise ConfigError("objectives.rec_temperature: must be positive")
 

@@ -59,6 +59,43 @@ def world_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def vlmo_tokenizer(world_shards, tmp_path_factory) -> Path:
+    """A WordPiece vocabulary of the small world's item texts, for the tiny VLMo."""
+    from mmscale.data.item_store import ItemStore
+    from mmscale.models.vlmo import build_wordpiece_tokenizer
+
+    store = ItemStore(world_shards)
+    return build_wordpiece_tokenizer([store.text(i) for i in range(len(store))], 300, tmp_path_factory.mktemp("wordpiece"))
+
+
+@pytest.fixture(scope="session")
+def parity_reference(world_shards, vlmo_tokenizer, tmp_path_factory):
+    """reference(N) -> the folder of the parity harness's one-process runs of every case on the global batches of
+    N production ranks (tests/helpers/train_worker.py); each N is trained once per session."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers.train_worker import CASES
+
+    folders: dict[int, Path] = {}
+
+    def reference(ranks: int) -> Path:
+        if ranks not in folders:
+            out = tmp_path_factory.mktemp(f"parity-reference-{ranks}")
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+            proc = subprocess.run([sys.executable, str(REPO / "tests/helpers/train_worker.py"), "--shards", str(world_shards), "--out", str(out),
+                                   "--runs", ",".join(CASES), "--reference-ranks", str(ranks), "--vlmo-tokenizer", str(vlmo_tokenizer)],
+                                  cwd=REPO, env=env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+                                  timeout=1200)
+            assert proc.returncode == 0, f"parity reference failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            folders[ranks] = out
+        return folders[ranks]
+
+    return reference
+
+
 # -- a tiny synthetic raw dataset ----------------------------------------------------------------
 def solid_jpeg(colour: tuple[int, int, int], size: int = 24) -> bytes:
     """A small JPEG: a colour field with a diagonal stripe (so it is not trivially compressible)."""

@@ -21,6 +21,8 @@ CLIP_TINY = REPO / "configs" / "models" / "clip-tiny.json"
 # -- defaults, file, overrides ---------------------------------------------------------------------
 def test_defaults_load():
     config = load_config()
+    assert config.encoder.paradigm == "end_to_end"  # unset: the two-tower task's own
+    config.encoder.paradigm = None
     assert config == Config()
     assert config.data.batch_size == 32
     assert config.optim.betas == (0.9, 0.98)
@@ -148,6 +150,36 @@ def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert key in str(err.value)
+
+
+SEQUENTIAL_ENCODER = ["task=sequential", "sequence.features=encoder"]
+
+
+@pytest.mark.parametrize("overrides,paradigm", [
+    ([], "end_to_end"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=joint"], "end_to_end"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=finetune"], "frozen"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=pretrain", "encoder.paradigm=frozen"], "frozen"),
+    (["task=sequential", "sequence.model=sasrec", "encoder.paradigm=end_to_end"], "end_to_end"),  # no encoder: moot
+])
+def test_an_unset_paradigm_is_the_tasks_own(overrides, paradigm):
+    assert load_config(overrides=overrides).encoder.paradigm == paradigm
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # joint mode trains the encoder end to end: a frozen or fine_tuned encoder contradicts it
+    (SEQUENTIAL_ENCODER + ["sequence.mode=joint", "encoder.paradigm=frozen"], "encoder.paradigm: 'frozen' contradicts"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=joint", "encoder.paradigm=fine_tuned"], "encoder.paradigm: 'fine_tuned'"),
+    # pretrain / finetune read a frozen encoder's cached features: end_to_end would be silently ignored
+    (SEQUENTIAL_ENCODER + ["sequence.mode=finetune", "encoder.paradigm=end_to_end"], "encoder.paradigm: 'end_to_end'"),
+    (["task=sequential", "sequence.model=sasrec", "encoder.paradigm=fine_tuned"], "encoder.paradigm: 'fine_tuned'"),
+    (["task=sequential", "sequence.mode=joint", "sequence.features=files"], "sequence.features"),
+    (["sequence.cache_refresh_steps=0"], "sequence.cache_refresh_steps"),
+    (["encoder.paradigm=fine_tuned", "objectives.weights={rec: 1.0, itc: 0.0}"], "vision-language losses"),
+])
+def test_a_paradigm_the_task_contradicts_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(overrides=overrides)
 
 
 def test_validate_rejects_empty_user_tower():

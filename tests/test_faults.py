@@ -24,9 +24,16 @@ def env() -> dict:
     return clean | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+# MP4SR joint with the tiny CLIP and dropout 0.2: a restart equals an uninterrupted run only when every rank's random
+# state and the feature cache (refreshed every 3 steps, so older than a checkpoint saved between refreshes) come back.
+MODEL = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", "task=sequential", "sequence.mode=joint",
+         "sequence.dropout=0.2", "sequence.adaptor_dropout=0.2", "sequence.cache_refresh_steps=3",
+         "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}"]
+
+
 def command(world_shards: Path, run_dir: Path, *extra: str) -> list[str]:
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}", f"train.run_dir={run_dir}",
+    sets = [*MODEL, f"data.shards={world_shards}", f"train.run_dir={run_dir}",
             "data.batch_size=8", "data.num_workers=0", "train.max_steps=400", "train.log_every=1", "eval.splits=[]"]
     return [launcher, "--num_gpus", "2", "--master_port", str(29000 + os.getpid() % 1000), str(REPO / "launch/train.py"),
             *[a for s in sets for a in ("--set", s)], *extra]
@@ -161,7 +168,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(world_shards
     torchrun = str(Path(sys.executable).parent / "torchrun")
 
     def cmd(run_dir: Path) -> list[str]:
-        sets = [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}", f"train.run_dir={run_dir}",
+        sets = [*MODEL, f"data.shards={world_shards}", f"train.run_dir={run_dir}",
                 "data.batch_size=8", "data.num_workers=0", "train.max_steps=14", "train.save_every=2", "train.log_every=1",
                 "eval.splits=[]"]
         return [torchrun, "--nproc_per_node", "2", "--max-restarts", "2", "--rdzv-backend", "c10d",

@@ -120,16 +120,39 @@ def test_seen_mask_matches_dense_reference(seed):
     users = rng.integers(0, num_users, size=12)  # repeats allowed, any order
     users[:2] = [2, num_users - 1]
 
-    got = _seen_mask(torch.from_numpy(users), torch.from_numpy(indptr), torch.from_numpy(items), num_items)
+    history = torch.full((len(users), 4), -1)
+    history[3, 2:] = torch.tensor([num_items - 1, 0])  # a sample whose history holds items beyond the seen set
+    got = _seen_mask(torch.from_numpy(users), history, torch.from_numpy(indptr), torch.from_numpy(items), num_items)
 
     expected = np.zeros((len(users), num_items), dtype=bool)
     for row, u in enumerate(users):
         for p in range(indptr[u], indptr[u + 1]):
             expected[row, items[p]] = True
+    expected[3, [num_items - 1, 0]] = True
     assert got.dtype == torch.bool
     assert got.shape == (len(users), num_items)
     assert np.array_equal(got.numpy(), expected)
     assert not got[0].any()  # user 2 has no seen items
+
+
+def test_the_test_ranking_drops_the_valid_item(tiny_raw, tiny_preprocess, tmp_path):
+    """Leave-one-out: a test target's history ends with the valid item, which is not a training item (seen.npz).
+    It is removed from the ranking with every other item the user had before the target."""
+    from mmscale.data.shards import BuildOptions, build_shards
+    from mmscale.data.stream import InteractionStream
+
+    shards = tmp_path / "shards"
+    build_shards(tiny_raw().write(tmp_path / "raw"), shards, BuildOptions(progress=False, workers=1))
+    seen = np.load(shards / "seen.npz")
+    batch = next(InteractionStream(shards, "test", 64, tiny_preprocess, resampled=False, shuffle_buffer=0, content=False).batches())
+    mask = _seen_mask(batch.users, batch.history, torch.from_numpy(seen["indptr"]), torch.from_numpy(seen["items"]), 8)
+    valid = next(InteractionStream(shards, "valid", 64, tiny_preprocess, resampled=False, shuffle_buffer=0, content=False).batches())
+    valid_item = dict(zip(valid.users.tolist(), valid.targets.tolist()))
+    for row, user in enumerate(batch.users.tolist()):
+        trained = set(seen["items"][seen["indptr"][user] : seen["indptr"][user + 1]].tolist())
+        assert valid_item[user] not in trained  # what seen.npz alone missed
+        assert mask[row, valid_item[user]]
+        assert set(torch.nonzero(mask[row]).flatten().tolist()) == trained | {valid_item[user]}
 
 
 # -- _share ----------------------------------------------------------------------------------------

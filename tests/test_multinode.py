@@ -1,5 +1,5 @@
 """Two nodes x two ranks across Linux network namespaces (launch/two_node_netns.py): DeepSpeed's launcher and
-torchrun, ZeRO-3 over gloo on the veth pair; losses equal one process's; the checkpoint resumes on one node."""
+torchrun, ZeRO over gloo on the veth pair; losses and gradients equal one process's; the checkpoint resumes on one node."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
 from two_node_netns import NetnsError, run_two_nodes, two_hosts  # noqa: E402
+
+from helpers.parity import assert_parity  # noqa: E402
+from helpers.train_worker import CASES  # noqa: E402
 
 WORKER = REPO / "tests" / "helpers" / "train_worker.py"
 pytestmark = pytest.mark.distributed
@@ -39,31 +42,17 @@ def clean_env(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def worker_losses(path: Path) -> list[dict]:
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def one_process(world_shards, tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("one-process")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    subprocess.run([sys.executable, str(WORKER), "--shards", str(world_shards), "--run-dir", str(out / "run"), "--out", str(out / "l.json"),
-                    "--zero-stage", "3"], cwd=REPO, env=env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}, check=True,
-                   capture_output=True, timeout=600)
-    return worker_losses(out / "l.json")
-
-
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_two_nodes_match_one_process(launcher, world_shards, one_process, tmp_path):
-    code = run_two_nodes(launcher, [str(WORKER), "--shards", str(world_shards), "--run-dir", str(tmp_path / "run"),
-                                    "--out", str(tmp_path / "l.json"), "--zero-stage", "3"], timeout_s=900)
+def test_two_nodes_match_one_process(launcher, world_shards, vlmo_tokenizer, parity_reference, tmp_path):
+    """2 nodes x 2 ranks, each rank fed only its own production stream: the losses and gradients of one process on the
+    same global batches. Every case under ZeRO-1, 2 and 3 with the DeepSpeed launcher; two of them under torchrun."""
+    runs = [f"{case}:{stage}" for stage in (1, 2, 3) for case in CASES] if launcher == "deepspeed" else ["two_tower:3", "mp4sr_joint:3"]
+    code = run_two_nodes(launcher, [str(WORKER), "--shards", str(world_shards), "--out", str(tmp_path), "--runs", ",".join(runs),
+                                    "--vlmo-tokenizer", str(vlmo_tokenizer)], timeout_s=2400)
     assert code == 0
-    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["derived"]["world_size"] == 4
-    two_nodes = worker_losses(tmp_path / "l.json")
-    assert [e["step"] for e in two_nodes] == [e["step"] for e in one_process] == [1, 2, 3]
-    for a, b in zip(one_process, two_nodes):
-        for name in ("loss/rec", "loss/itc", "loss/total"):
-            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (launcher, a["step"], name)
+    assert json.loads((tmp_path / "runs" / "two_tower-zero3" / "run_info.json").read_text())["derived"]["world_size"] == 4
+    for case, _, stage in (r.partition(":") for r in runs):
+        assert_parity(parity_reference(4), case, tmp_path, f"{case}-zero{stage}")
     assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if ns.startswith(f"mm{os.getpid() % 100000}n")], "namespaces left behind"
 

@@ -483,7 +483,8 @@ def test_item_encoder_end_to_end(tokenizer_dir, tmp_path):
     pre = encoder.preprocess()
     image = pre.image_transform(Image.new("RGB", (48, 70), (255, 0, 0)))
     assert image.shape == (3, 32, 32) and pre.image_size == 32
-    torch.testing.assert_close(image[0], torch.ones(32, 32)) and torch.testing.assert_close(image[1], -torch.ones(32, 32))
+    torch.testing.assert_close(image[0], torch.ones(32, 32))  # red: (1 - 0.5) / 0.5
+    torch.testing.assert_close(image[1], -torch.ones(32, 32))
     images = torch.stack([image, -image])
     tokens = pre.tokenize(["a cowboy doll", "a space weapon is stolen"])
     with torch.no_grad():

@@ -95,7 +95,8 @@ def test_mlm_masking_follows_bert():
     torch.manual_seed(2)
     tokens = torch.randint(5, 100, (400, 30))
     maskable = torch.rand(400, 30) > 0.2
-    inputs, labels = mask_tokens(tokens, maskable, torch.rand(400, 30, 3), mask_id=4, vocab_size=100)
+    ordinary = torch.arange(5, 100)  # ids 0-4 are special
+    inputs, labels = mask_tokens(tokens, maskable, torch.rand(400, 30, 3), mask_id=4, replacement_ids=ordinary)
     chosen = labels != IGNORE
     assert not (chosen & ~maskable).any()
     assert torch.equal(labels[chosen], tokens[chosen])
@@ -104,6 +105,22 @@ def test_mlm_masking_follows_bert():
     masked = (inputs[chosen] == 4).double().mean()
     kept = (inputs[chosen] == tokens[chosen]).double().mean()
     assert masked == pytest.approx(0.8, abs=0.03) and kept == pytest.approx(0.1 + 0.1 / 95, abs=0.03)
+    # a replacement is an ordinary token, never [PAD], [CLS], [SEP], [MASK] or [UNK]; every ordinary one is drawn
+    replaced = inputs[chosen & (inputs != 4) & (inputs != tokens)]
+    assert len(replaced) > 0 and replaced.min() >= 5
+
+
+def test_mlm_replacement_draws_ordinary_tokens_only(encoder):
+    """Uniforms at the very bottom and top of [0, 1) draw the first and last ordinary token, never a special one."""
+    ids = encoder.replacement_token_ids
+    vocabulary = encoder.preprocess().tokenize._tok.get_vocab()
+    specials = {vocabulary[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
+    assert not specials & set(ids.tolist()) and len(ids) == encoder.vocab_size - len(specials)
+    tokens = torch.full((1, 3), 7)
+    uniforms = torch.tensor([[[0.0, 0.85, 0.0], [0.0, 0.85, 0.999999], [0.0, 0.85, 0.5]]])
+    inputs, _ = mask_tokens(tokens, torch.ones(1, 3, dtype=torch.bool), uniforms, encoder.mask_token_id, ids)
+    assert inputs[0].tolist() == [int(ids[0]), int(ids[-1]), int(ids[len(ids) // 2])]
+    assert not specials & set(inputs[0].tolist())
 
 
 def test_mlm_equals_a_direct_computation(encoder, batch):
@@ -123,7 +140,8 @@ def test_mlm_equals_a_direct_computation(encoder, batch):
             if u[1] < 0.8:
                 row_inputs[t] = encoder.mask_token_id
             elif u[1] < 0.9:
-                row_inputs[t] = min(int(u[2] * encoder.vocab_size), encoder.vocab_size - 1)
+                ordinary = encoder.replacement_token_ids
+                row_inputs[t] = int(ordinary[min(int(u[2] * len(ordinary)), len(ordinary) - 1)])
         if targets:
             with torch.no_grad():
                 logits = encoder.masked_lm_logits(images[i : i + 1], row_inputs.unsqueeze(0))[0]

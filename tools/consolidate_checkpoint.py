@@ -249,8 +249,10 @@ def load_task(source: str | Path, overrides: list[str] = (), device: str | torch
     workers = config.data.num_workers if num_workers is None else num_workers
     loaded = LoadedCheckpoint(ref, info, config, manifest, task.to(device), state, device, workers)
     if task.content_cache_due(loaded.step, resumed=True):
-        log(f"step {loaded.step}: the trainer had cached every item's content by then; caching it as the trainer did")
-        task.set_content_cache(*loaded.catalogue_content())
+        saved = ckpt.load_content_cache(ref.path, device)
+        log(f"step {loaded.step}: the trainer had cached every item's content by then; "
+            f"{'loading its cache from the checkpoint' if saved else 'encoding it as the trainer did'}")
+        task.set_content_cache(*(saved or loaded.catalogue_content()))
     return loaded
 
 
@@ -293,7 +295,7 @@ def open_clip_state_dict(task: torch.nn.Module) -> dict[str, torch.Tensor]:
 def item_embeddings(loaded: LoadedCheckpoint) -> torch.Tensor:
     """[num_items, embed_dim] float32 item tower outputs of the whole catalogue, row = item index."""
     content = loaded.catalogue_content() if loaded.task.uses_catalogue_content else None
-    return loaded.task.item_table(content).float().cpu()
+    return loaded.task.ranking(content).items.float().cpu()
 
 
 def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = (), device: str = "cpu",

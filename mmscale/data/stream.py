@@ -91,7 +91,7 @@ class InteractionStream(IterableDataset):
         self.split, self.batch_size, self.preprocess = split, batch_size, preprocess
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
-        self.history_content = history_content and content
+        self.wants_history_content = history_content
         self.content = content  # False: ids only, nothing decoded (evaluation, cached features)
         self.urls = shard_paths(self.shard_dir, self.manifest, split)
         self.max_history = self.manifest["max_history"]
@@ -103,6 +103,11 @@ class InteractionStream(IterableDataset):
                 f"{self.shard_dir}: split '{split}' has {split_size(self.manifest, split)} samples, "
                 f"fewer than one global batch ({world_size} ranks x {batch_size})"
             )
+
+    @property
+    def history_content(self) -> bool:
+        """Whether history items' content is decoded too (only while content is)."""
+        return self.wants_history_content and self.content
 
     # -- epoch accounting ------------------------------------------------------------------
     def batches_per_rank(self) -> int:
@@ -239,7 +244,10 @@ class InteractionStream(IterableDataset):
 
 
 def make_loader(stream: InteractionStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over the stream: batches are made in the workers, so batch_size=None."""
+    """A DataLoader over the stream: batches are made in the workers, so batch_size=None.
+
+    Its worker seeds come from a generator of its own: drawn from the global one (torch's default), each new
+    loader would shift the dropout draws, and a resumed run would no longer equal an uninterrupted one."""
     return DataLoader(
         stream,
         batch_size=None,
@@ -247,4 +255,5 @@ def make_loader(stream: InteractionStream, num_workers: int, pin_memory: bool = 
         pin_memory=pin_memory,
         persistent_workers=False,  # each epoch re-forks workers with the new epoch/start_batch
         prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator(),
     )

@@ -1,6 +1,8 @@
 """Checkpoint folders: a tag is complete only once every rank has written it.
 
 run_dir/checkpoints/step00000100/   DeepSpeed's files (any ZeRO stage) + client state
+                    step00000100/rng_rank00000.safetensors   each rank's random states (torch, CUDA, numpy, Python)
+                    step00000100/content_cache.safetensors   the catalogue content the task had cached, if any
                     step00000100/COMPLETE   written by rank 0 after a barrier
 run_dir/checkpoints/latest          the newest complete tag, replaced atomically
 
@@ -9,10 +11,15 @@ A run killed mid-save leaves a tag without COMPLETE; it is never taken as the la
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 COMPLETE = "COMPLETE"
 
@@ -99,3 +106,67 @@ def resolve_resume(resume: str | None, run_dir: Path, log=print) -> tuple[Path, 
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
     return path.parent, path.name
+
+
+# -- what a restart needs beyond DeepSpeed's files ---------------------------------------------------------
+CONTENT_CACHE = "content_cache.safetensors"
+
+
+def rng_file(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"rng_rank{rank:05d}.safetensors"
+
+
+def save_rng_state(tag_dir: Path, rank: int) -> None:
+    """Every random state a rank draws from: dropout and drop-path (torch, CUDA), numpy and Python's `random`.
+
+    The data stream needs none: its order is a function of (seed, epoch, rank, worker) and the position saved
+    in the client state, and its loaders draw worker seeds from their own generators."""
+    from safetensors.torch import save_file
+
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "python": torch.tensor(python_state, dtype=torch.int64),
+               "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    metadata = {"python": json.dumps([version, gauss]), "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached)])}
+    save_file(tensors, str(rng_file(tag_dir, rank)), metadata=metadata)
+
+
+def load_rng_state(tag_dir: Path, rank: int) -> bool:
+    """Restores what save_rng_state wrote for this rank; False when the tag has no file for it."""
+    from safetensors import safe_open
+
+    path = rng_file(tag_dir, rank)
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, position, has_gauss, cached = json.loads(metadata["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    return True
+
+
+def save_content_cache(tag_dir: Path, content: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """The (image, text, has_image) content the task holds: joint mode's cache is as old as its last refresh, which
+    re-encoding at resume would not reproduce."""
+    from safetensors.torch import save_file
+
+    image, text, has_image = (t.detach().cpu().contiguous() for t in content)
+    save_file({"image": image, "text": text, "has_image": has_image}, str(Path(tag_dir) / CONTENT_CACHE))
+
+
+def load_content_cache(tag_dir: Path, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = Path(tag_dir) / CONTENT_CACHE
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path), device=str(device))
+    return tensors["image"], tensors["text"], tensors["has_image"]

@@ -103,10 +103,22 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0, with gradient when x needs one (backward sums across ranks)."""
+def gather(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
+    """All-gather along dim 0, with gradient when x needs one (backward sums across ranks).
+
+    uneven=True: ranks may hold different numbers of rows (a batch's distinct items). The sizes travel over the
+    host group (a shape is host-side: no device sync), rows are padded to the largest, gathered and unpadded.
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
+    if uneven:
+        sizes = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+        sizes[dist.get_rank()] = len(x)
+        dist.all_reduce(sizes, group=_host_group)
+        longest = int(sizes.max())
+        padded = torch.cat([x, x.new_zeros((longest - len(x), *x.shape[1:]))]) if len(x) < longest else x
+        rows = gather(padded)
+        return torch.cat([rows[r * longest : r * longest + int(n)] for r, n in enumerate(sizes)])
     if x.requires_grad:
         return torch.cat(dist_fn.all_gather(x), dim=0)
     if x.dtype == torch.bool:  # gloo has no bool collectives

@@ -109,13 +109,14 @@ class Trainer:
 
         self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         self.resumed_from = None
+        self.content = None  # the (image, text, has_image) catalogue content the task holds, saved with checkpoints
         self.stop_signal: int | None = None  # set by SIGTERM (preemption): save at the next step boundary, exit
         found = checkpoint.resolve_resume(resume, self.run_dir, self.log)
         if found is not None:
             self._load(*found)
         elif resume == "latest":
             self.log(f"--resume latest: no complete checkpoint in {self.checkpoint_dir}; starting from scratch")
-        if task.content_cache_due(self.step, resumed=True):
+        if self.content is None and task.content_cache_due(self.step, resumed=True):
             self.cache_content()
         self._record_run(ds_config, manifest)
         self.monitor = Monitor(self.run_dir, self.dist.is_main)
@@ -172,17 +173,24 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------
     def _stream_batches(self) -> Iterator[Batch]:
-        """Training batches forever, tracking (epoch, batch within epoch) for exact resume."""
+        """Training batches forever, tracking (epoch, batch within epoch) for exact resume.
+
+        When the task stops needing content (fine_tuned's freeze) the loader restarts at the same position, so
+        prefetched batches stop decoding images at once rather than at the end of the epoch."""
         while True:
             self.stream.set_epoch(self.epoch, self.batch_in_epoch)
+            self.stream.content = self.task.needs_content
             for batch in make_loader(self.stream, self.config.data.num_workers, pin_memory=self.dist.device.type == "cuda"):
                 self.batch_in_epoch += 1
                 yield batch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if self.stream.content != self.task.needs_content:
+                    break
+            else:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     @torch.no_grad()
     def cache_content(self) -> None:
-        """Encodes every item (in parallel across ranks) and hands the content to the task's cache."""
+        """Encodes every item (in parallel across ranks, in eval mode) and hands the content to the task's cache."""
         store = ItemStore(self.shard_dir)
         # Under ZeRO-3 a frozen encoder's partitions are not gathered by the training hooks before
         # the first step; gather them explicitly for this one pass over the catalogue.
@@ -190,9 +198,18 @@ class Trainer:
         with gathered:
             content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
                                        self.config.eval.batch_size, self.config.data.num_workers)
-        self.task.set_content_cache(*content)
-        self.stream.content = self.task.needs_content  # from the next epoch on
+        self._set_content(content)
         self.log(f"step {self.step}: content of {len(content[0])} items cached")
+
+    def _set_content(self, content) -> None:
+        self.content = content
+        self.task.set_content_cache(*content)
+        # DeepSpeed's ZeRO-3 keeps the last gradient partition of a parameter that receives no gradient in later steps
+        # (the encoder once fine_tuned freezes it); it would count in the clipping norm. The switch happens between
+        # steps, so every partition can be cleared: the next backward writes those that get a gradient.
+        stale = getattr(self.optimizer, "grad_partitions_flat_buffer", None) if self.zero_stage == 3 else None
+        if stale is not None:
+            stale.zero_()
 
     # -- loop ---------------------------------------------------------------------------------------
     def fit(self, batches: Iterable[Batch] | None = None, stop_at: int | None = None) -> dict:
@@ -300,6 +317,9 @@ class Trainer:
         failure = None
         try:
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client, save_latest=False)
+            checkpoint.save_rng_state(self.checkpoint_dir / tag, self.dist.rank)
+            if self.content is not None and self.dist.is_main:
+                checkpoint.save_content_cache(self.checkpoint_dir / tag, self.content)
         except (OSError, RuntimeError) as e:  # disk full (torch's zip writer raises RuntimeError), unwritable, quota...
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}; {checkpoint.space_report(self.checkpoint_dir)}"
             print(f"rank {self.dist.rank}: saving {self.checkpoint_dir / tag} failed: {failure}", file=sys.stderr, flush=True)
@@ -322,6 +342,11 @@ class Trainer:
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.epoch, self.batch_in_epoch = client["data"]["epoch"], client["data"]["batch"]
         self.resumed_from = checkpoint_dir / tag
+        if not checkpoint.load_rng_state(checkpoint_dir / tag, self.dist.rank):
+            self.log(f"{checkpoint_dir / tag} holds no random state for rank {self.dist.rank}: dropout draws start afresh")
+        content = checkpoint.load_content_cache(checkpoint_dir / tag, self.dist.device)
+        if content is not None:
+            self._set_content(content)
         self.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     def run_evaluation(self) -> dict:

@@ -18,7 +18,7 @@ from ..config import EvalConfig
 from ..data.catalogue import catalogue_loader
 from ..data.item_store import ItemStore
 from ..data.preprocess import ItemPreprocess
-from ..data.stream import InteractionStream
+from ..data.stream import PAD, InteractionStream
 from .metrics import metric_sums, target_ranks
 
 
@@ -39,9 +39,14 @@ def _share(n: int, coll: Collectives) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int, num_workers: int):
-    """(image, text, has_image) of every item, [N, D], [N, D], [N], identical on every rank."""
+    """(image, text, has_image) of every item, [N, D], [N, D], [N], identical on every rank.
+
+    In eval mode (no dropout or stochastic depth): a cache or an evaluation holds each item's one deterministic
+    encoding, not one random draw of it."""
     n = len(store)
     image = text = has_image = None
+    was_training = task.training
+    task.eval()
     for part in catalogue_loader(store, preprocess, _share(n, coll)[0], batch_size, num_workers):
         img, txt = task.encode_content(part["images"].to(device), part["text_tokens"].to(device))
         ids = coll.gather(part["item_ids"].to(device))
@@ -50,17 +55,21 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
             text = torch.zeros(n, txt.shape[1], device=device, dtype=txt.dtype)
             has_image = torch.zeros(n, dtype=torch.bool, device=device)
         image[ids], text[ids], has_image[ids] = coll.gather(img), coll.gather(txt), coll.gather(part["has_image"].to(device))
+    task.train(was_training)
     return image, text, has_image
 
 
-def _seen_mask(users: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
+def _seen_mask(users: torch.Tensor, history: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
+    """[B, N] True at every item the user interacted with before the target: the training items (seen.npz) and
+    the sample's own history, which for a test target also holds the valid item."""
     starts, ends = indptr[users], indptr[users + 1]
     counts = ends - starts
     rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
     offsets = torch.arange(int(counts.sum()), device=users.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    mask = torch.zeros(len(users), num_items, dtype=torch.bool, device=users.device)
+    mask = torch.zeros(len(users), num_items + 1, dtype=torch.bool, device=users.device)
     mask[rows, items[torch.repeat_interleave(starts, counts) + offsets]] = True
-    return mask
+    mask.scatter_(1, torch.where(history == PAD, num_items, history), True)  # padding marks a scratch column
+    return mask[:, :num_items]
 
 
 @torch.no_grad()
@@ -80,7 +89,8 @@ def evaluate(
     content = None
     if task.uses_catalogue_content:
         content = encode_catalogue(task, ItemStore(shard_dir, stream.manifest), preprocess, coll, device, config.batch_size, num_workers)
-    table = task.item_table(content)
+    ranking = task.ranking(content)
+    table = ranking.items
     seen = np.load(Path(shard_dir) / "seen.npz")
     indptr, seen_items = torch.from_numpy(seen["indptr"]).to(device), torch.from_numpy(seen["items"]).to(device)
 
@@ -104,8 +114,8 @@ def evaluate(
         for start in range(0, len(share), config.batch_size):
             rows = share[start : start + config.batch_size]
             users, targets, history = all_users[rows].to(device), all_targets[rows].to(device), all_history[rows].to(device)
-            scores = task.user_vectors(users, history, table) @ table.T
-            excluded = _seen_mask(users, indptr, seen_items, len(table)) if config.exclude_seen else None
+            scores = ranking.user_vectors(users, history) @ table.T
+            excluded = _seen_mask(users, history, indptr, seen_items, len(table)) if config.exclude_seen else None
             if split == "cold" and config.cold_candidates == "cold":
                 excluded = warm.expand(len(rows), -1) if excluded is None else excluded | warm
             ranks = target_ranks(scores.float(), targets, excluded)

@@ -790,9 +790,12 @@ class WordPieceTokenize:
         tok.enable_truncation(max_length=self.max_text_len)
         self._tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        # MLM never predicts or replaces these; [MASK] replaces the chosen tokens
+        # MLM never predicts these; [MASK] replaces the chosen tokens
         self.special_ids = tuple(i for i in (tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")) if i is not None)
         self.mask_id = tok.token_to_id("[MASK]")
+        # MLM's random replacements: every token but the bracketed ones ([PAD], [UNK], [CLS], [SEP], [MASK], [unusedN])
+        self.ordinary_ids = tuple(sorted(i for t, i in tok.get_vocab(with_added_tokens=True).items()
+                                         if not (t.startswith("[") and t.endswith("]"))))
 
     def __getstate__(self):
         return {"path": self.path, "max_text_len": self.max_text_len}
@@ -870,6 +873,7 @@ class VLMoEncoder(ItemEncoder):
         # item_representation "fusion": an item is its fusion-mode [CLS] (pooled), projected to embed_dim.
         # The projection is mmscale's own (the release has none), kept outside `model` so imports stay strict.
         self.item_proj = nn.Linear(config.width, config.embed_dim, bias=False) if item_representation == "fusion" else None
+        self.register_buffer("replacement_token_ids", torch.tensor(self._preprocess.tokenize.ordinary_ids), persistent=False)
         if pretrained is not None:
             self.load_pretrained(pretrained)
 

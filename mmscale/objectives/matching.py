@@ -34,18 +34,18 @@ def matching_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def mask_tokens(tokens: torch.Tensor, maskable: torch.Tensor, uniforms: torch.Tensor, mask_id: int, vocab_size: int,
+def mask_tokens(tokens: torch.Tensor, maskable: torch.Tensor, uniforms: torch.Tensor, mask_id: int, replacement_ids: torch.Tensor,
                 probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: each maskable position is chosen with `probability`; a chosen token becomes
-    [MASK] 80% of the time, a random token 10%, itself 10%. Returns (inputs, labels), labels IGNORE
-    where not chosen.
+    [MASK] 80% of the time, a random ordinary token (uniform over `replacement_ids`, never [PAD], [CLS],
+    [MASK] or another special token) 10%, itself 10%. Returns (inputs, labels), labels IGNORE where not chosen.
 
     tokens, maskable [N, T]; uniforms [N, T, 3]: choice, action, random token.
     """
     chosen = maskable & (uniforms[..., 0] < probability)
     labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE))
     action = uniforms[..., 1]
-    random_tokens = (uniforms[..., 2] * vocab_size).long().clamp(max=vocab_size - 1)
+    random_tokens = replacement_ids[(uniforms[..., 2] * len(replacement_ids)).long().clamp(max=len(replacement_ids) - 1)]
     inputs = torch.where(chosen & (action < 0.8), torch.full_like(tokens, mask_id), tokens)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
     return inputs, labels

@@ -6,9 +6,10 @@ MP4SR modes:
   joint     both, with the item encoder trained end-to-end (features = encoder only)
 
 Item features come from the item encoder (CLIP's image and text embeddings: one vector per
-modality, cached when the encoder is frozen; in joint mode the batch's items are encoded fresh
-and the others read from a cache refreshed every `sequence.cache_refresh_steps`) or from feature
-files written by tools/extract_features.py (sets of vectors, pooled by a trained attention layer).
+modality, cached when the encoder is frozen; in joint mode the global batch's items, every rank's,
+are encoded fresh with gradient and the others read from a cache refreshed every
+`sequence.cache_refresh_steps`) or from feature files written by tools/extract_features.py (sets
+of vectors, pooled by a trained attention layer).
 
 The adaptors run once per item of the catalogue each step, never per sequence position.
 Random draws (mixup, item drop) are hashed from (user, target, forward count), so a sample gets
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import parameter_groups
+from . import Ranking, parameter_groups
 from ..config import Config, ConfigError
 from ..data.stream import PAD, Batch
 from ..models import build_encoder
@@ -48,8 +49,6 @@ class SequentialTask(nn.Module):
             raise ConfigError(f"objectives.weights: none of {list(MODE_LOSSES[self.mode])} (the losses of {self.mode}) is non-zero")
         num_items, hidden = manifest["num_items"], seq.hidden
         self.from_encoder = self.mode != "sasrec" and seq.features == "encoder"
-        if self.mode == "joint" and not self.from_encoder:
-            raise ConfigError("sequence.features: joint mode trains the item encoder; it needs features = encoder")
         self.encoder = build_encoder(config.encoder) if self.from_encoder else None
         if self.encoder is not None and self.mode != "joint":
             self.encoder.requires_grad_(False)  # pretrain/finetune read cached encoder features
@@ -64,10 +63,11 @@ class SequentialTask(nn.Module):
         self.item_id = nn.Embedding(num_items, hidden) if self.mode != "pretrain" else None
         if self.item_id is not None:
             nn.init.normal_(self.item_id.weight, std=0.02)
-        # Cold-start items never appear in training: they have no id vector and are scored by content alone.
-        has_id = torch.ones(num_items, 1)
-        has_id[manifest.get("cold_items", [])] = 0.0
-        self.register_buffer("has_id", has_id, persistent=False)
+        # Cold-start items never appear in training: they have no id vector, are scored by content alone, and are
+        # never negatives of the next-item loss (they could never be its positive; only evaluation ranks them).
+        cold = torch.zeros(num_items, dtype=torch.bool)
+        cold[manifest.get("cold_items", [])] = True
+        self.register_buffer("cold", cold, persistent=False)
         self.sequence = CausalSequenceEncoder(hidden, seq.layers, seq.heads, seq.dropout, manifest["max_history"])
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
         if seq.pretrained:
@@ -118,7 +118,7 @@ class SequentialTask(nn.Module):
         return step == 0 or resumed
 
     def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
-        self.content_cache = torch.cat([text, image * has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
+        self.content_cache = self._content_features(image, text, has_image)
 
     def training_windows(self) -> dict[str, tuple[int, int | None]]:
         return {"encoder": (0, None), "recommender": (0, None)}
@@ -127,35 +127,46 @@ class SequentialTask(nn.Module):
         return self.encoder(images, text_tokens)
 
     # -- item features ---------------------------------------------------------------------------------
-    def _raw_features(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every item's (text, image) features before the adaptors, [N, Dt] and [N, Di]."""
+    @staticmethod
+    def _content_features(image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """[N, 2E]: text then image embeddings, a missing image as zeros."""
+        return torch.cat([text, image * has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
+
+    def _raw_features(self, content: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item's (text, image) features before the adaptors, [N, Dt] and [N, Di], from the encoder's
+        content [N, 2E] (the cache or a catalogue encoding) or the feature files."""
         if not self.from_encoder:
             return self.text_pool(self.text_vectors, self.text_mask), self.image_pool(self.image_vectors, self.image_mask)
         d = self.encoder.embed_dim
-        text, image = self.content_cache[:, :d], self.content_cache[:, d:]
-        if batch is not None and self.mode == "joint":  # this batch's items fresh, with gradient
-            fresh_image, fresh_text = self.encode_content(batch.images, batch.text_tokens)
-            fresh_image = fresh_image * batch.has_image.unsqueeze(-1).to(fresh_image.dtype)
-            text = text.index_put((batch.item_ids,), fresh_text)
-            image = image.index_put((batch.item_ids,), fresh_image)
-        return text, image
+        return content[:, :d], content[:, d:]
 
-    def _adapted(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
-        text, image = self._raw_features(batch)
-        return self.text_adaptor(text), self.image_adaptor(image)
+    def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather) -> torch.Tensor:
+        """The cache with the global batch's items replaced by their fresh, with-gradient content [U, 2E].
+
+        Every rank holds every rank's fresh items (an uneven all-gather with gradient), so each rank's loss
+        sees the table one process would on the same global batch. An item on several ranks is taken once:
+        its other copies are written to a scratch row that is dropped.
+        """
+        rows, ids = gather(fresh, uneven=True), gather(batch.item_ids, uneven=True)
+        n = len(self.content_cache)
+        position = torch.arange(len(ids), device=ids.device)
+        first = torch.full((n + 1,), len(ids), device=ids.device, dtype=ids.dtype).scatter_reduce(0, ids, position, "amin")
+        target = torch.where(first[ids] == position, ids, torch.full_like(ids, n))
+        table = torch.cat([self.content_cache, self.content_cache.new_zeros(1, self.content_cache.shape[1])])
+        return table.index_put((target,), rows.to(table.dtype))[:n]
 
     def _with_ids(self, table: torch.Tensor) -> torch.Tensor:
-        return table if self.item_id is None else table + self.item_id.weight * self.has_id
+        return table if self.item_id is None else table + self.item_id.weight * (~self.cold).unsqueeze(-1).to(table.dtype)
 
     def _encode(self, inputs: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.sequence(inputs, history != PAD), dim=-1)
 
     def _next_item_logits(self, text_seq, image_seq, text_items, image_items) -> torch.Tensor:
-        """Each modality's sequence against that modality's item table, summed."""
+        """Each modality's sequence against that modality's item table, summed; cold items masked out (training)."""
         logits = text_seq @ F.normalize(text_items, dim=-1).T
         if image_seq is not None:
             logits = logits + image_seq @ F.normalize(image_items, dim=-1).T
-        return logits / self.config.sequence.temperature
+        return (logits / self.config.sequence.temperature).masked_fill(self.cold, torch.finfo(logits.dtype).min)
 
     # -- training ----------------------------------------------------------------------------------------
     def forward(self, batch: Batch, gather) -> dict[str, torch.Tensor]:
@@ -169,7 +180,12 @@ class SequentialTask(nn.Module):
             seq = self._encode(self.item_id(index), history)
             losses["rec"] = F.cross_entropy(self._next_item_logits(gather(seq), None, self.item_id.weight, None), all_targets)
             return losses
-        text, image = self._adapted(batch)
+        content = self.content_cache
+        if self.mode == "joint":  # the encoder runs once: its outputs feed the item table and the vision-language losses
+            image_emb, text_emb = self.encode_content(batch.images, batch.text_tokens)
+            content = self._with_fresh(self._content_features(image_emb, text_emb, batch.has_image), batch, gather)
+        text, image = self._raw_features(content)
+        text, image = self.text_adaptor(text), self.image_adaptor(image)
         if "rec" in self.loss_weights:
             text_seq = self._encode(text[index] + self.item_id(index), history)
             image_seq = self._encode(image[index] + self.item_id(index), history)
@@ -185,7 +201,6 @@ class SequentialTask(nn.Module):
                 losses["seq_seq"] = sequence_sequence_loss(text_led, image_led, all_targets, tau)
         fusion = [n for n in FUSION_LOSSES if n in self.loss_weights]
         if "itc" in self.loss_weights or fusion:
-            image_emb, text_emb = self.encode_content(batch.images, batch.text_tokens)
             slots = batch.target_slots
             if "itc" in self.loss_weights:
                 losses["itc"] = image_text_contrastive_loss(gather(image_emb[slots]), gather(text_emb[slots]), all_targets,
@@ -211,24 +226,22 @@ class SequentialTask(nn.Module):
 
     # -- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def item_table(self, content) -> torch.Tensor:
-        """[N, 2H]: each modality's item vectors side by side (ids added), normalised per modality."""
+    def ranking(self, content) -> Ranking:
+        """Items: [N, 2H], each modality's item vectors side by side (ids added), normalised per modality; users:
+        the text-led and image-led sequence representations, so user . item sums the modalities. Computed from
+        `content` (a catalogue encoding), never from or into the training cache."""
         if self.mode == "sasrec":
-            return F.normalize(self.item_id.weight, dim=-1)
-        if content is not None:
-            self.set_content_cache(*content)
-        text, image = self._adapted(None)
-        return torch.cat([F.normalize(self._with_ids(text), dim=-1), F.normalize(self._with_ids(image), dim=-1)], dim=-1)
+            return Ranking(F.normalize(self.item_id.weight, dim=-1), lambda users, history: self._user_vectors(history, self.item_id.weight))
+        text, image = self._raw_features(self._content_features(*content) if content is not None else None)
+        text, image = self._with_ids(self.text_adaptor(text)), self._with_ids(self.image_adaptor(image))
+        items = torch.cat([F.normalize(text, dim=-1), F.normalize(image, dim=-1)], dim=-1)
+        return Ranking(items, lambda users, history: torch.cat([self._user_vectors(history, text), self._user_vectors(history, image)], dim=-1))
 
-    @torch.no_grad()
-    def user_vectors(self, users: torch.Tensor, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """[B, 2H]: the text-led and image-led sequence representations, so user . table sums the modalities."""
-        index = history.clamp(min=0)
-        if self.mode == "sasrec":
-            return self._encode(self.item_id(index), history)
-        text, image = self._adapted(None)
-        ids = self.item_id(index) if self.item_id is not None else 0
-        return torch.cat([self._encode(text[index] + ids, history), self._encode(image[index] + ids, history)], dim=-1)
+    def _user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The sequence representation over `items` (id vectors included); a user with no history gets zeros (no
+        all-padding row reaches the sequence encoder): every item ties, so the target counts as missed."""
+        has_history = (history != PAD).any(1, keepdim=True)
+        return self._encode(items[history.clamp(min=0)], torch.where(has_history, history, 0)) * has_history
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         return parameter_groups(self)

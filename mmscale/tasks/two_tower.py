@@ -12,14 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import parameter_groups
+from . import Ranking, parameter_groups
 from ..config import Config
 from ..data.stream import PAD, Batch
 from ..models import build_encoder
 from ..models.towers import ItemTower, UserTower
 from ..objectives.contrastive import image_text_contrastive_loss
 from ..objectives.recommender import bpr_loss, sampled_softmax_loss
-from .vision_language import FUSION_LOSSES, fusion_losses
+from .vision_language import FUSION_LOSSES, VISION_LANGUAGE, fusion_losses
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,8 +34,9 @@ class RecommendationTask(nn.Module):
         self.user_tower = UserTower(num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
         self.history_content = config.data.history_content
         self.fusion_items = config.encoder.item_representation == "fusion"
-        # fine_tuned: the image-text loss alone until the engine calls freeze_encoder().
-        self.loss_weights = {"itc": 1.0} if config.encoder.paradigm == "fine_tuned" else self._configured_weights()
+        # fine_tuned: the configured vision-language losses alone until the engine caches the content (the freeze).
+        weights = self._configured_weights()
+        self.loss_weights = {n: w for n, w in weights.items() if n in VISION_LANGUAGE} if config.encoder.paradigm == "fine_tuned" else weights
         self.frozen = False
         # Cached (image, text, has_image) of every item once the encoder is frozen, filled by the engine.
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
@@ -44,7 +45,7 @@ class RecommendationTask(nn.Module):
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
 
     def _configured_weights(self) -> dict[str, float]:
-        return {name: w for name, w in self.config.objectives.weights.items() if w != 0 and name in ("rec", "itc", *FUSION_LOSSES)}
+        return {name: w for name, w in self.config.objectives.weights.items() if w != 0 and name in ("rec", *VISION_LANGUAGE)}
 
     @property
     def freeze_at_step(self) -> int | None:
@@ -77,7 +78,7 @@ class RecommendationTask(nn.Module):
         """Freezes the encoder: from now on items are this cached content; the encoder's own losses stop."""
         self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
         self.frozen = True
-        self.loss_weights = {name: w for name, w in self._configured_weights().items() if name not in ("itc", *FUSION_LOSSES)}
+        self.loss_weights = {name: w for name, w in self._configured_weights().items() if name not in VISION_LANGUAGE}
 
     # -- content ----------------------------------------------------------------------------------
     def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,16 +104,14 @@ class RecommendationTask(nn.Module):
         return self.item_tower(image, text, has_image, item_ids)
 
     @torch.no_grad()
-    def item_table(self, content: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, chunk: int = 4096) -> torch.Tensor:
-        """Item tower embeddings of the whole catalogue from its (image, text, has_image) content."""
+    def ranking(self, content: tuple[torch.Tensor, torch.Tensor, torch.Tensor], chunk: int = 4096) -> Ranking:
+        """Items: the item tower over the whole catalogue's (image, text, has_image) content; users: the user tower
+        over their ids and history (history items as those item vectors, or their ids alone)."""
         image, text, has_image = content
         ids = torch.arange(len(image), device=image.device)
-        return torch.cat([self.item_embeddings(image[s : s + chunk], text[s : s + chunk], has_image[s : s + chunk], ids[s : s + chunk])
-                          for s in range(0, len(ids), chunk)])
-
-    def user_vectors(self, users: torch.Tensor, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Users to score against `table` (a user's score for item i is user_vector . table[i])."""
-        return self.user_embeddings(users, history, self.history_embeddings(history, table))
+        items = torch.cat([self.item_embeddings(image[s : s + chunk], text[s : s + chunk], has_image[s : s + chunk], ids[s : s + chunk])
+                           for s in range(0, len(ids), chunk)])
+        return Ranking(items, lambda users, history: self.user_embeddings(users, history, self.history_embeddings(history, items)))
 
     def user_embeddings(self, users: torch.Tensor, history: torch.Tensor, history_items: torch.Tensor) -> torch.Tensor:
         """history [B, L] item ids (PAD = none); history_items [B, L, E] their embeddings."""
@@ -149,7 +148,7 @@ class RecommendationTask(nn.Module):
                 losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature)
             else:
                 losses["rec"] = bpr_loss(all_users, all_items, all_ids)
-        if self.fusion_items and not self.frozen and any(n in self.loss_weights for n in ("itc", *FUSION_LOSSES)):
+        if self.fusion_items and not self.frozen and any(n in self.loss_weights for n in VISION_LANGUAGE):
             image, text = self.encoder(batch.images, batch.text_tokens)  # the contrastive losses compare the modalities
         if "itc" in self.loss_weights:
             losses["itc"] = image_text_contrastive_loss(

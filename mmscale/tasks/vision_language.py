@@ -16,6 +16,7 @@ from ..objectives.common import hashed_uniform
 from ..objectives.matching import mask_tokens, masked_lm_sums, matching_loss, sample_hard_negatives
 
 FUSION_LOSSES = ("itm", "mlm")
+VISION_LANGUAGE = ("itc", *FUSION_LOSSES)  # the encoder's own losses (fine_tuned adapts with these)
 
 
 def _global_mean(sums: torch.Tensor, gather: Callable) -> torch.Tensor:
@@ -62,5 +63,5 @@ def _masked_lm(encoder, images, tokens, item_ids, has_image, gather, step) -> to
                               torch.arange(3, device=tokens.device).view(1, 1, -1))
     special = torch.tensor(encoder.special_token_ids, device=tokens.device)
     maskable = ~torch.isin(tokens, special) & has_image.unsqueeze(1)  # read with the item's own image
-    inputs, labels = mask_tokens(tokens, maskable, uniforms, encoder.mask_token_id, encoder.vocab_size)
+    inputs, labels = mask_tokens(tokens, maskable, uniforms, encoder.mask_token_id, encoder.replacement_token_ids)
     return _global_mean(masked_lm_sums(encoder.masked_lm_logits(images, inputs), labels), gather)

@@ -1,0 +1,211 @@
+"""What makes training exact beyond the rank-parity runs: which items a loss ranks against, which parameters decay,
+how often the encoder runs, what evaluation and caching leave alone, and where the loader restarts."""
+
+from __future__ import annotations
+
+import io
+import json
+from itertools import islice
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mmscale.config import load_config
+from mmscale.data.format import load_manifest
+from mmscale.data.stream import PAD, InteractionStream
+from mmscale.models import build_preprocess
+from mmscale.tasks import build_task, decays
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLIP = str(REPO / "configs/models/clip-tiny.json")
+JOINT = ["task=sequential", "sequence.mode=joint", "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}"]
+
+
+def one_process(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:  # the engine's gather on one process
+    return x
+
+
+def task_for(world_shards, *overrides: str, manifest: dict | None = None):
+    config = load_config(None, [f"encoder.model={TINY_CLIP}", f"data.shards={world_shards}", *overrides])
+    torch.manual_seed(0)
+    return build_task(config, manifest or load_manifest(world_shards), world_shards), config
+
+
+def first_batch(world_shards, config, batch_size: int = 8):
+    stream = InteractionStream(world_shards, "train", batch_size, build_preprocess(config.encoder), shuffle_buffer=0, history_content=True)
+    return next(stream.batches())
+
+
+def catalogue(task, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    d = task.encoder.embed_dim
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), torch.rand(n, generator=g) > 0.2
+
+
+def test_cold_items_are_never_negatives_of_the_next_item_loss(world_shards):
+    """A held-out cold item can never be a training target: the full softmax leaves it out, so its id vector gets
+    no gradient (it is scored only at evaluation)."""
+    manifest = load_manifest(world_shards)
+    task, config = task_for(world_shards, "task=sequential", "sequence.model=sasrec", "sequence.dropout=0.0")
+    batch = first_batch(world_shards, config)
+    in_batch = set(batch.targets.tolist()) | set(batch.history[batch.history != PAD].tolist())
+    cold = [i for i in range(manifest["num_items"]) if i not in in_batch][:3]
+    task, _ = task_for(world_shards, "task=sequential", "sequence.model=sasrec", "sequence.dropout=0.0", manifest=manifest | {"cold_items": cold})
+    task(batch, one_process)["rec"].backward()
+    grad = task.item_id.weight.grad
+    assert grad[cold].abs().sum() == 0
+    warm_negatives = [i for i in range(manifest["num_items"]) if i not in in_batch and i not in cold]
+    assert (grad[warm_negatives].abs().sum(1) > 0).all()  # every other item is a negative
+
+
+def test_joint_mode_runs_the_encoder_once_per_batch(world_shards):
+    task, config = task_for(world_shards, *JOINT, "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0")
+    task.set_content_cache(*catalogue(task, load_manifest(world_shards)["num_items"]))
+    calls = []
+    task.encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    batch = first_batch(world_shards, config)
+    losses = task(batch, one_process)
+    assert calls == [len(batch.item_ids)]
+    sum(losses.values()).backward()
+    assert task.encoder.clip.visual.conv1.weight.grad.abs().sum() > 0  # the one pass carries the gradient of every loss
+
+
+def test_fresh_items_replace_the_cache_once_each(world_shards):
+    """Gathered fresh items (an item may come from several ranks) overwrite their cache rows; the rest stay cached."""
+    task, _ = task_for(world_shards, *JOINT)
+    n = load_manifest(world_shards)["num_items"]
+    task.content_cache = torch.zeros(n, 4)
+    fresh = torch.arange(1.0, 5.0).unsqueeze(1).expand(4, 4).requires_grad_()
+    batch = SimpleNamespace(item_ids=torch.tensor([3, 7, 3, 9]))  # item 3 twice, as on two ranks
+    table = task._with_fresh(fresh, batch, one_process)
+    assert table[3].tolist() == [1.0] * 4 and table[7].tolist() == [2.0] * 4 and table[9].tolist() == [4.0] * 4
+    assert table.sum() == 4 * (1 + 2 + 4)
+    table.sum().backward()
+    assert fresh.grad[:, 0].tolist() == [1.0, 1.0, 0.0, 1.0]  # the second copy of item 3 is not counted twice
+
+
+def test_evaluation_leaves_the_training_cache_alone(world_shards):
+    task, _ = task_for(world_shards, *JOINT)
+    n = load_manifest(world_shards)["num_items"]
+    task.set_content_cache(*catalogue(task, n, seed=1))
+    before = task.content_cache.clone()
+    ranking = task.ranking(catalogue(task, n, seed=2))
+    assert torch.equal(task.content_cache, before)
+    assert ranking.items.shape == (n, 2 * task.config.sequence.hidden)
+
+
+def test_a_user_without_history_ranks_nothing_and_feeds_no_padding_row(world_shards):
+    task, _ = task_for(world_shards, "task=sequential", "sequence.mode=finetune")
+    task.eval()
+    seen_rows = []
+    task.sequence.register_forward_pre_hook(lambda module, args: seen_rows.append(args[1].any(1)))
+    ranking = task.ranking(catalogue(task, load_manifest(world_shards)["num_items"]))
+    history = torch.full((2, task.sequence.position.num_embeddings), PAD)
+    history[1, -2:] = torch.tensor([4, 9])
+    users = ranking.user_vectors(torch.tensor([0, 1]), history)
+    assert all(rows.all() for rows in seen_rows)  # no all-padding row reached the sequence encoder
+    assert torch.equal(users[0], torch.zeros_like(users[0])) and users[1].norm() > 0
+    assert torch.isfinite(users).all()
+
+
+def test_catalogue_content_is_encoded_in_eval_mode(world_shards, vlmo_tokenizer, tmp_path):
+    """A cache holds each item's one deterministic encoding, not one draw of its stochastic depth; the task's
+    training mode is left as it was."""
+    from mmscale.data.item_store import ItemStore
+    from mmscale.eval.evaluate import Collectives, encode_catalogue
+
+    arch = json.loads((REPO / "configs/models/vlmo-tiny.json").read_text()) | {"drop_path": 0.5}
+    (tmp_path / "vlmo.json").write_text(json.dumps(arch))
+    task, config = task_for(world_shards, "encoder.kind=vlmo", f"encoder.model={tmp_path / 'vlmo.json'}", f"encoder.tokenizer={vlmo_tokenizer}")
+    task.train()
+    store, coll = ItemStore(world_shards), Collectives(0, 1, one_process, one_process)
+    first = encode_catalogue(task, store, build_preprocess(config.encoder), coll, "cpu", 32, 0)
+    again = encode_catalogue(task, store, build_preprocess(config.encoder), coll, "cpu", 32, 0)
+    assert task.training
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    preprocess = build_preprocess(config.encoder)
+    with Image.open(io.BytesIO(store.image(0)[0])) as img:
+        images = preprocess.image_transform(img.convert("RGB")).unsqueeze(0)
+    tokens = preprocess.tokenize([store.text(0)])
+    with torch.no_grad():
+        drawn = [task.encode_content(images, tokens)[0] for _ in range(4)]  # training mode: drop-path draws
+    assert any(not torch.allclose(d, drawn[0]) for d in drawn[1:])
+
+
+# -- weight decay --------------------------------------------------------------------------------------------
+NO_DECAY_KINDS = ("bias", "norm", "ln_", "embedding", "position", "cls_token", "class_embedding", "logit_scale",
+                  "logit_vl_scale", "gamma_", "relative_position_bias_table", "token_type")
+
+
+@pytest.mark.parametrize("model", ["two_tower_clip", "two_tower_vlmo_fusion", "mp4sr_joint", "sasrec"])
+def test_weight_decay_follows_the_readme(model, world_shards, vlmo_tokenizer):
+    """Decay on the matrices that multiply inputs only; never on norms, biases, embeddings, position tables,
+    class tokens, layer scales or the logit scale, whatever the model."""
+    overrides = {
+        "two_tower_clip": [],
+        "two_tower_vlmo_fusion": ["encoder.kind=vlmo", f"encoder.model={REPO / 'configs/models/vlmo-tiny.json'}",
+                                  f"encoder.tokenizer={vlmo_tokenizer}", "encoder.item_representation=fusion"],
+        "mp4sr_joint": JOINT,
+        "sasrec": ["task=sequential", "sequence.model=sasrec"],
+    }[model]
+    task, _ = task_for(world_shards, *overrides)
+    groups = task.parameter_groups()
+    decayed = {n for g, params in groups.items() if g.endswith("/decay") for n, _ in params}
+    kept = {n for g, params in groups.items() if g.endswith("/no_decay") for n, _ in params}
+    assert decayed and kept and not decayed & kept
+    assert decayed | kept == {n for n, p in task.named_parameters() if p.requires_grad}
+    for name in decayed:
+        owner = task.get_submodule(name.rpartition(".")[0])
+        leaf = name.rpartition(".")[2]
+        assert (isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and leaf == "weight") or leaf == "in_proj_weight" \
+            or "proj" in leaf, name
+    for name in kept:
+        owner = task.get_submodule(name.rpartition(".")[0])
+        assert isinstance(owner, (nn.Embedding, nn.LayerNorm)) or any(kind in name.lower() for kind in NO_DECAY_KINDS), name
+    expected_kept = {
+        "two_tower_clip": ["encoder.clip.positional_embedding", "encoder.clip.visual.class_embedding", "encoder.clip.logit_scale",
+                           "encoder.clip.token_embedding.weight", "item_tower.id_embedding.weight"],
+        "two_tower_vlmo_fusion": ["encoder.model.relative_position_bias_table", "encoder.model.transformer.cls_token",
+                                  "encoder.model.transformer.blocks.0.gamma_1"],
+        "mp4sr_joint": ["text_adaptor.norm_weight", "image_adaptor.norm_bias", "sequence.position.weight", "sequence.norm.weight"],
+        "sasrec": ["item_id.weight", "sequence.position.weight"],
+    }[model]
+    assert set(expected_kept) <= kept, set(expected_kept) - kept
+    if model == "two_tower_clip":
+        assert {"encoder.clip.text_projection", "encoder.clip.visual.proj"} <= decayed
+
+
+def test_decays_by_role_not_by_shape():
+    assert decays(nn.Linear(3, 4), "weight", nn.Parameter(torch.zeros(4, 3)))
+    assert not decays(nn.Linear(3, 4), "bias", nn.Parameter(torch.zeros(4)))
+    assert not decays(nn.LayerNorm(4), "weight", nn.Parameter(torch.zeros(4)))
+    assert not decays(nn.Embedding(5, 4), "weight", nn.Parameter(torch.zeros(5, 4)))
+    assert not decays(nn.Module(), "norm_weight", nn.Parameter(torch.zeros(8, 4)))  # 2-d, still a norm
+    assert decays(nn.Module(), "text_projection", nn.Parameter(torch.zeros(8, 4)))
+
+
+# -- the loader at a phase switch ------------------------------------------------------------------------------
+def test_a_phase_switch_stops_decoding_content_at_once_and_keeps_the_order(world_shards, tiny_preprocess):
+    """fine_tuned's freeze: batches already prefetched by the loader's workers must not keep decoding images; the
+    loader restarts at the same position, so the stream of samples is the one an unbroken loader gives."""
+    from mmscale.engine.trainer import Trainer
+
+    def fake_trainer():
+        stream = InteractionStream(world_shards, "train", 8, tiny_preprocess, seed=3, history_content=True)
+        return SimpleNamespace(stream=stream, task=SimpleNamespace(needs_content=True), epoch=0, batch_in_epoch=0,
+                               config=SimpleNamespace(data=SimpleNamespace(num_workers=2)), dist=SimpleNamespace(device=torch.device("cpu")))
+
+    unbroken = list(islice(Trainer._stream_batches(fake_trainer()), 7))
+    trainer = fake_trainer()
+    batches = Trainer._stream_batches(trainer)
+    before = list(islice(batches, 3))
+    trainer.task.needs_content = False
+    after = list(islice(batches, 4))
+    assert all(b.images.shape[-1] > 0 and b.has_image.any() for b in before)
+    assert all(b.images.numel() == 0 and b.text_tokens.numel() == 0 for b in after)
+    for a, b in zip(unbroken, before + after):
+        assert torch.equal(a.users, b.users) and torch.equal(a.targets, b.targets) and torch.equal(a.history, b.history)
