@@ -10,7 +10,8 @@
 Without CUDA, DeepSpeed's CPU accelerator and the gloo backend are selected automatically.
 SIGTERM (a scheduler's preemption notice) saves a checkpoint at the next step boundary and exits 0.
 Exit status: 0 done or stopped on request, 2 bad config/data/resume path, 3 a checkpoint could not be
-saved (the previous complete one stays the latest), 4 a rank was lost (the message names it).
+saved (the previous complete one stays the latest), 4 a rank was lost (the message names it), 5 the loss
+became NaN or infinite (stopped before that step's update; the last checkpoint stays).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mmscale.config import ConfigError, load_config
-from mmscale.engine.checkpoint import SaveError
+from mmscale.engine.checkpoint import CheckpointError, SaveError
 from mmscale.data.format import ShardFormatError
 
 
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        from mmscale.engine.trainer import Trainer  # imports deepspeed: after the config is known to be good
+        from mmscale.engine.trainer import NonFiniteLossError, Trainer  # imports deepspeed: after the config is known to be good
+        from mmscale.eval.evaluate import NonFiniteModelError
 
         trainer = Trainer(config, resume=args.resume)
-    except (ConfigError, ShardFormatError, FileNotFoundError) as e:
+    except (ConfigError, ShardFormatError, CheckpointError, FileNotFoundError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     try:
@@ -56,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except SaveError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 3
+    except (NonFiniteLossError, NonFiniteModelError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 5
+    except ShardFormatError as e:  # e.g. the shards were rebuilt under the running training
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # a collective failed: say which rank was lost, if one was
         from mmscale.engine.distributed import lost_ranks
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,9 @@ class TrainConfig:
     keep_last: int = 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     collective_timeout_s: float = 600.0  # a lost rank fails the others after this, instead of a hang
+    # A non-finite (NaN, inf) loss: "stop" before that step's update, keeping the last checkpoint (exit 5); "skip"
+    # drops the batch without an update and counts it (10 in a row stop the run all the same).
+    on_nonfinite_loss: str = "stop"
 
 
 @dataclass
@@ -174,13 +178,15 @@ def _coerce(value, hint, path: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
@@ -220,7 +226,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # e.g. a !!python tag: safe_load refuses to construct it
+        raise ConfigError(f"override {text!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
     node: dict = {}
     out = node
     parts = key.strip().split(".")
@@ -285,6 +294,7 @@ def validate(config: Config) -> None:
         "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+        "train.on_nonfinite_loss": (config.train.on_nonfinite_loss, ("stop", "skip")),
         "eval.cold_candidates": (config.eval.cold_candidates, ("cold", "all")),
         "encoder.item_representation": (config.encoder.item_representation, ("dual", "fusion")),
     }
@@ -292,16 +302,56 @@ def validate(config: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
     _resolve_paradigm(config)
-    positive = {
+    at_least_one = {
         "data.batch_size": config.data.batch_size,
         "optim.grad_accum": config.optim.grad_accum,
         "recommender.embed_dim": config.recommender.embed_dim,
         "train.keep_last": config.train.keep_last,
+        "train.log_every": config.train.log_every,
+        "eval.batch_size": config.eval.batch_size,
         "sequence.cache_refresh_steps": config.sequence.cache_refresh_steps,
+        "sequence.hidden": config.sequence.hidden,
+        "sequence.layers": config.sequence.layers,
+        "sequence.heads": config.sequence.heads,
+        "sequence.experts": config.sequence.experts,
+        **{f"eval.ks[{i}]": k for i, k in enumerate(config.eval.ks)},
     }
-    for key, value in positive.items():
+    for key, value in at_least_one.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    not_negative = {
+        "optim.lr_encoder": config.optim.lr_encoder,
+        "optim.lr_recommender": config.optim.lr_recommender,
+        "optim.lr_scaling_batch": config.optim.lr_scaling_batch,
+        "optim.weight_decay": config.optim.weight_decay,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.grad_clip": config.optim.grad_clip,
+        "train.epochs": config.train.epochs,
+        "train.max_steps": config.train.max_steps,
+        "train.eval_every": config.train.eval_every,
+        "train.save_every": config.train.save_every,
+        "encoder.adapt_steps": config.encoder.adapt_steps,
+        "data.num_workers": config.data.num_workers,
+        "data.shuffle_buffer": config.data.shuffle_buffer,
+        **{f"objectives.weights.{name}": w for name, w in config.objectives.weights.items()},
+    }
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    below_one = {"optim.betas[0]": config.optim.betas[0], "optim.betas[1]": config.optim.betas[1],
+                 "sequence.dropout": config.sequence.dropout, "sequence.adaptor_dropout": config.sequence.adaptor_dropout,
+                 "sequence.mixup_max": config.sequence.mixup_max, "sequence.drop_max": config.sequence.drop_max}
+    for key, value in below_one.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    positive = {"optim.eps": config.optim.eps, "sequence.temperature": config.sequence.temperature,
+                "objectives.rec_temperature": config.objectives.rec_temperature,
+                "train.collective_timeout_s": config.train.collective_timeout_s}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if config.train.epochs == 0 and config.train.max_steps == 0:
+        raise ConfigError("train.epochs and train.max_steps are both 0: the run would train nothing")
     if not config.recommender.user_id_embedding and config.recommender.history_pooling == "none":
         raise ConfigError("recommender: user_id_embedding=false with history_pooling=none leaves the user tower empty")
     known_losses = ("rec", "itc", "seq_item", "seq_seq", "itm", "mlm")
@@ -327,8 +377,6 @@ def validate(config: Config) -> None:
     if config.encoder.paradigm == "fine_tuned" and not any(config.objectives.weights.get(n) for n in ("itc", "itm", "mlm")):
         raise ConfigError("objectives.weights: the fine_tuned paradigm adapts the encoder with its vision-language losses first; "
                           "give itc (or, for VLMo, itm or mlm) a weight")
-    if config.objectives.rec_temperature <= 0:
-        raise ConfigError("objectives.rec_temperature: must be positive")
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -502,7 +502,7 @@ def test_rebuild_in_place_replaces_everything_and_leaves_nothing_behind(tiny_raw
     assert load_manifest(out)["options"]["shard_size_mb"] == 256.0
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial", ".old"))]
     assert leftovers == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out", "raw"]  # the build lock stays, empty of builds
     # the same as a fresh build with those options
     build_shards(root, tmp_path / "fresh", BuildOptions(**TINY_OPTS))
     assert all_files(out) == all_files(tmp_path / "fresh")

@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmscale.engine import checkpoint
+
+
+def write_states(path: Path) -> None:
+    torch.save({"module": {"w": torch.zeros(2)}, "global_steps": 1}, path)
 
 
 def make_tag(root: Path, step: int, complete: bool) -> str:
     tag = checkpoint.tag_for(step)
     (root / tag).mkdir(parents=True)
-    (root / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    write_states(root / tag / "mp_rank_00_model_states.pt")
     if complete:
         checkpoint.mark_complete(root, tag, keep_last=10)
     return tag
@@ -54,7 +59,7 @@ def test_resume_latest_skips_an_interrupted_save_and_says_so(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     for tag in ("step00000002", "step00000004"):
         (checkpoints / tag).mkdir(parents=True)
-        (checkpoints / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        write_states(checkpoints / tag / "mp_rank_00_model_states.pt")
     checkpoint.mark_complete(checkpoints, "step00000002", keep_last=2)
     (checkpoints / "step00000006").mkdir()  # killed while writing: no COMPLETE marker
     messages = []
@@ -63,3 +68,24 @@ def test_resume_latest_skips_an_interrupted_save_and_says_so(tmp_path):
     assert len(messages) == 2  # one line per incomplete tag
     assert "step00000006 is incomplete" in messages[-1] and "resuming from step00000002" in messages[-1]
     assert "step00000004 is incomplete" in messages[-2]
+
+
+def test_resume_latest_skips_a_damaged_tag_but_never_a_planted_payload(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        make_tag(checkpoints, step, complete=True)
+    newest = checkpoints / "step00000003" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:50])
+    messages = []
+    assert checkpoint.resolve_resume("latest", tmp_path, messages.append) == (checkpoints, "step00000002")
+    assert messages == [f"--resume latest: skipping {checkpoints / 'step00000003'}: {newest}: unreadable "
+                        f"{messages[0].split(': unreadable ')[1]}"] and "truncated or damaged" in messages[0]
+    # code planted in the tag that would be taken is refused outright, not skipped for an older one
+    torch.save({"module": {}, "evil": print}, checkpoints / "step00000002" / "mp_rank_00_model_states.pt")
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match="builtins.print"):
+        checkpoint.resolve_resume("latest", tmp_path, messages.append)
+    # every tag damaged: an error, not a fresh start over them
+    (checkpoints / "step00000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (checkpoints / "step00000002" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="none of the complete checkpoints"):
+        checkpoint.resolve_resume("latest", tmp_path, messages.append)

@@ -354,8 +354,7 @@ def test_main_missing_shards_exits_2(train_main, capsys, tmp_path):
 def test_main_shard_mismatch_exits_2(train_main, capsys, tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "run_info.json").write_text(json.dumps({"data": {"num_users": 5, "num_items": 7}}))
-    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    (run_dir / "run_info.json").write_text(json.dumps({"data": {"num_users": 5, "num_items": 7, "manifest_sha256": "0" * 64}}))
     code = train_main([
         "--set", f"data.shards={tiny_shards}",
         "--set", f"train.run_dir={run_dir}",
@@ -365,8 +364,8 @@ def test_main_shard_mismatch_exits_2(train_main, capsys, tmp_path, tiny_shards):
     assert code == 2
     err = capsys.readouterr().err
     assert "train: error: data.shards:" in err
-    assert f"num_users={manifest['num_users']}" in err and "trained with 5" in err
-    assert sorted(p.name for p in run_dir.iterdir()) == ["run_info.json"]  # nothing written to the old run
+    assert f"{tiny_shards} is not the dataset run {run_dir} was trained on (manifest sha256" in err and "the run's 000000000000" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "run_info.json"]  # nothing written to the old run but the lock
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,12 @@
         [--window 10] [--repeats 1] [--refresh 10,50,250] [--staleness-steps 400] [--work-dir DIR]
 
 1. Step cost: `finetune` on the item encoder's cached features (tiny CLIP, frozen: the catalogue is
-   encoded once) against `joint` (the batch's target items encoded fresh with gradient, the encoder
-   trained, the MP4SR and image-text losses added), same shards, batch and step count, one process,
-   alternating per repeat. Throughput comes from the runs' logging windows after the warm-up
-   (median and best window, as in tools/bench_train.py).
+   encoded once) against `joint` (the batch's items encoded fresh with gradient in one encoder pass,
+   the encoder trained, the MP4SR and image-text losses added) and against `joint` with finetune's
+   loss plus the encoder's own (rec + itc: what training the encoder end to end costs, without the
+   MP4SR pre-training losses and their two extra sequence-encoder passes), same shards, batch and
+   step count, one process, alternating per repeat. Throughput comes from the runs' logging windows
+   after the warm-up (median and best window, as in tools/bench_train.py).
 2. Staleness: `joint` for --staleness-steps steps with each `sequence.cache_refresh_steps` of
    --refresh (history items are read from the catalogue cache, which is at most that many steps
    old); prints valid NDCG@10 / Recall@20 and samples/s including the refreshes.
@@ -51,19 +53,24 @@ def throughput(args, work: Path, name: str, recipe: str, overrides: dict) -> Run
     return Run(windows, args.batch_size, load, None, None)
 
 
+JOINT_FINETUNE_LOSSES = {"objectives.weights": "{rec: 1.0, seq_item: 0.0, seq_seq: 0.0, itc: 0.1}"}
+
+
 def step_cost(args, work: Path) -> None:
-    finetune, joint = [], []
+    runs = {"finetune (cached CLIP)": [], "joint (CLIP trained)": [], "joint, rec + itc only": []}
     for i in range(args.repeats):
-        finetune.append(throughput(args, work, f"finetune-{i}", "ml100k-finetune", FINETUNE_ON_ENCODER))
-        joint.append(throughput(args, work, f"joint-{i}", "ml100k-joint", {}))
-    finetune, joint = Throughput.of(finetune), Throughput.of(joint)
+        runs["finetune (cached CLIP)"].append(throughput(args, work, f"finetune-{i}", "ml100k-finetune", FINETUNE_ON_ENCODER))
+        runs["joint (CLIP trained)"].append(throughput(args, work, f"joint-{i}", "ml100k-joint", {}))
+        runs["joint, rec + itc only"].append(throughput(args, work, f"joint-rec-itc-{i}", "ml100k-joint", JOINT_FINETUNE_LOSSES))
+    finetune, joint, encoder_only = (Throughput.of(r) for r in runs.values())
     print(f"\n== Step cost: batch {args.batch_size}, one process, {args.steps} steps after {args.warmup}, windows of "
           f"{args.window}, x {args.repeats}, OMP_NUM_THREADS {rank_env(1)['OMP_NUM_THREADS']}")
     print(throughput_header())
-    print(throughput_row("finetune (cached CLIP)", finetune))
-    print(throughput_row("joint (CLIP trained)", joint))
-    print(f"step cost, joint / finetune: {finetune.median / joint.median:.2f}x (medians), "
-          f"{finetune.best / joint.best:.2f}x (best windows)")
+    for name, throughput_of in zip(runs, (finetune, joint, encoder_only)):
+        print(throughput_row(name, throughput_of))
+    for name, other in (("joint", joint), ("joint, rec + itc only", encoder_only)):
+        print(f"step cost, {name} / finetune: {finetune.median / other.median:.2f}x (medians), "
+              f"{finetune.best / other.best:.2f}x (best windows)")
 
 
 def staleness(args, work: Path) -> None:

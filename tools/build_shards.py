@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from mmscale.data.raw import BadInputError, RawFormat
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.data.shards import BuildError, BuildOptions, build_shards
 from mmscale.data.format import ShardFormatError
 
 
@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
     g.add_argument("--item-column", default=raw.item_column)
     g.add_argument("--time-column", default=raw.time_column)
     g.add_argument("--rating-column", default=raw.rating_column, help="empty string: the data has no ratings")
+    g.add_argument("--rating-range", type=float, nargs=2, default=raw.rating_range, metavar=("MIN", "MAX"),
+                   help="a rating outside is bad input")
     g.add_argument("--delimiter", default=raw.delimiter)
     g.add_argument("--item-id-field", default=raw.item_id_field)
     g.add_argument("--text-fields", default=",".join(raw.text_fields), help="comma-separated items.jsonl fields joined into the item text")
@@ -43,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
     g = p.add_argument_group("output")
     g.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb)
     g.add_argument("--no-target-content", action="store_true", help="interaction samples carry ids only (content via the item store)")
+    g.add_argument("--max-image-mb", type=float, default=d.max_image_mb, help="a larger image file is bad input, never read")
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="a larger image is bad input, never decoded")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--workers", type=int, default=d.workers)
     g.add_argument("--strict", action="store_true", help="exit non-zero on the first bad input")
@@ -51,16 +55,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
     raw_format = RawFormat(
         interactions_file=args.interactions_file, items_file=args.items_file, user_column=args.user_column,
         item_column=args.item_column, time_column=args.time_column, rating_column=args.rating_column or None,
-        item_id_field=args.item_id_field, text_fields=tuple(f for f in args.text_fields.split(",") if f),
+        rating_range=tuple(args.rating_range), item_id_field=args.item_id_field, text_fields=tuple(f for f in args.text_fields.split(",") if f),
         image_field=args.image_field, delimiter=args.delimiter,
     )
-    opts = BuildOptions(
-        raw_format=raw_format, min_user_interactions=args.min_user_interactions,
-        min_item_interactions=args.min_item_interactions, min_rating=args.min_rating,
-        cold_item_fraction=args.cold_item_fraction, max_history=args.max_history,
-        shard_size_mb=args.shard_size_mb, embed_target_content=not args.no_target_content,
-        seed=args.seed, workers=args.workers, strict=args.strict, progress=not args.quiet,
-    )
+    try:
+        opts = BuildOptions(
+            raw_format=raw_format, min_user_interactions=args.min_user_interactions,
+            min_item_interactions=args.min_item_interactions, min_rating=args.min_rating,
+            cold_item_fraction=args.cold_item_fraction, max_history=args.max_history,
+            shard_size_mb=args.shard_size_mb, embed_target_content=not args.no_target_content,
+            max_image_mb=args.max_image_mb, max_image_pixels=args.max_image_pixels, seed=args.seed, workers=args.workers,
+            strict=args.strict, progress=not args.quiet,
+        )
+    except ValueError as e:
+        p.error(f"--{str(e).replace('_', '-')}")
     return args, opts
 
 
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args, opts = parse_args(argv)
     try:
         manifest = build_shards(args.raw_dir, args.out_dir, opts)
-    except (BadInputError, ShardFormatError, FileNotFoundError) as e:
+    except (BadInputError, BuildError, ShardFormatError, FileNotFoundError) as e:
         print(f"build_shards: error: {e}", file=sys.stderr)
         return 2
     counts = manifest["counts"]

@@ -52,18 +52,16 @@ from mmscale.config import Config, ConfigError, _build, _merge, parse_override, 
 from mmscale.data.format import ShardFormatError, load_manifest  # noqa: E402
 from mmscale.data.item_store import ItemStore  # noqa: E402
 from mmscale.engine import checkpoint as ckpt  # noqa: E402
-from mmscale.eval.evaluate import Collectives, encode_catalogue  # noqa: E402
+from mmscale.eval.evaluate import Collectives, NonFiniteModelError, encode_catalogue  # noqa: E402
 from mmscale.tasks import build_task as build_task_for_config  # noqa: E402
 
 Log = Callable[[str], None]
 
 
-class CheckpointError(Exception):
-    """The source is not a usable checkpoint; the message says why (the tools exit with 2)."""
-
+CheckpointError = ckpt.CheckpointError  # the source is not a usable checkpoint (the tools exit with 2)
 
 # Errors the command-line tools report as one line and exit status 2.
-USER_ERRORS = (CheckpointError, ConfigError, ShardFormatError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, ConfigError, ShardFormatError, FileNotFoundError, NonFiniteModelError)
 
 
 def _stderr(message: str) -> None:
@@ -118,8 +116,11 @@ def _model_states_file(tag_dir: Path) -> Path:
 
 
 def checkpoint_info(ref: CheckpointRef) -> dict:
-    """What rank 0 recorded with the tag: step, ZeRO stage, ranks, DeepSpeed version, the config."""
-    states = torch.load(_model_states_file(ref.path), map_location="cpu", weights_only=False, mmap=True)
+    """What rank 0 recorded with the tag: step, ZeRO stage, ranks, DeepSpeed version, the config. Every file of
+    the tag is verified first: nothing in it is unpickled."""
+    ckpt.verify_tag(ref.path)
+    with ckpt.safe_loading():
+        states = torch.load(_model_states_file(ref.path), map_location="cpu", weights_only=True, mmap=True)
     ds_config = states.get("ds_config") or {}
     step = states.get("step", states.get("global_steps"))
     return {
@@ -173,11 +174,13 @@ def consolidated_state_dict(ref: CheckpointRef, info: dict | None = None) -> dic
     """
     info = info or checkpoint_info(ref)
     if info["zero_stage"] == 0:  # no ZeRO: the model states hold the whole module
-        states = torch.load(_model_states_file(ref.path), map_location="cpu", weights_only=False)
+        with ckpt.safe_loading():
+            states = torch.load(_model_states_file(ref.path), map_location="cpu", weights_only=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout stays for results
+    # DeepSpeed prints progress (stdout stays for results); its loads are weights-only here
+    with contextlib.redirect_stdout(sys.stderr), ckpt.safe_loading():
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(str(ref.checkpoint_dir), tag=ref.tag)
         except ValueError as e:  # e.g. fewer optimizer shards than ranks
@@ -243,6 +246,10 @@ def load_task(source: str | Path, overrides: list[str] = (), device: str | torch
     config = load_config_for(ref, overrides, info)
     log(f"consolidating ZeRO-{info['zero_stage']} partitions of {info['world_size']} rank(s) at step {info['step']}")
     state = consolidated_state_dict(ref, info)
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise NonFiniteModelError(f"{ref.path}: {len(broken)} tensor(s) hold NaN or inf (e.g. {', '.join(broken[:3])}): the run "
+                                  f"diverged; no metrics or exports from a broken model")
     log(f"rebuilding the task ({config.encoder.kind} {config.encoder.model}) on shards {config.data.shards}")
     task, manifest = build_task(config, state, str(ref.path))
     device = torch.device(device)

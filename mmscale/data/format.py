@@ -12,6 +12,7 @@ A shard folder holds:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 FORMAT_VERSION = "mmscale-shards/1"
@@ -38,13 +39,40 @@ def load_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardFormatError(f"{path}: format {found!r}, expected {FORMAT_VERSION!r}")
     for split, shards in manifest["shards"].items():
         for shard in shards:
-            if not (shard_dir / shard["path"]).is_file():
+            shard_path = shard_dir / shard["path"]
+            if not shard_path.resolve().is_relative_to(shard_dir.resolve()):
+                raise ShardFormatError(f"{path}: {split} shard {shard['path']} lies outside {shard_dir}")
+            if not shard_path.is_file():
                 raise ShardFormatError(f"{path}: {split} shard {shard['path']} is listed but missing")
+            # Items are read at random offsets: a cut item shard would give blank content, not an error, so it is
+            # refused here. A damaged train shard is read up to the damage, its bad samples counted and skipped.
+            if split == "items" and shard_path.stat().st_size != shard["bytes"]:
+                raise ShardFormatError(f"{shard_path}: {shard_path.stat().st_size:,} bytes, the manifest says {shard['bytes']:,}: "
+                                       f"the item shard is damaged or truncated; rebuild {shard_dir}")
     return manifest
+
+
+def dataset_identity(shard_dir: str | Path) -> tuple[int, int, int, int]:
+    """What changes when a shard folder is rebuilt (swapped in whole) or its manifest rewritten: the folder's and the
+    manifest's inodes, the manifest's size and modification time."""
+    folder, manifest = os.stat(shard_dir), os.stat(Path(shard_dir) / MANIFEST)
+    return folder.st_ino, manifest.st_ino, manifest.st_size, manifest.st_mtime_ns
+
+
+def check_unchanged(shard_dir: str | Path, identity: tuple[int, int, int, int]) -> None:
+    """A dataset rebuilt under a running reader is a named error, never a silent mix of the two."""
+    try:
+        now = dataset_identity(shard_dir)
+    except OSError:
+        now = None
+    if now != identity:
+        raise ShardFormatError(f"{shard_dir} was rebuilt or replaced while this run was reading it; its samples would mix two "
+                               f"datasets. Restart (or resume) on the new shards deliberately")
 
 
 def shard_paths(shard_dir: str | Path, manifest: dict, split: str) -> list[str]:

@@ -13,13 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import IMAGE_KEYS, load_manifest
+from .format import IMAGE_KEYS, ShardFormatError, check_unchanged, dataset_identity, load_manifest
 
 
 class ItemStore:
-    def __init__(self, shard_dir: str | Path, manifest: dict | None = None):
+    """identity: the dataset_identity taken before `manifest` was read (a rebuild after it is then noticed)."""
+
+    def __init__(self, shard_dir: str | Path, manifest: dict | None = None, identity: tuple[int, int, int, int] | None = None):
         self.shard_dir = Path(shard_dir)
-        manifest = manifest or load_manifest(self.shard_dir)
+        if manifest is None or identity is None:
+            identity, manifest = dataset_identity(self.shard_dir), load_manifest(self.shard_dir)
+        self.identity = identity
         self.paths = [self.shard_dir / s["path"] for s in manifest["shards"]["items"]]
         index = np.load(self.shard_dir / "items" / "index.npz")
         self._shard = index["shard"]
@@ -39,6 +43,7 @@ class ItemStore:
     def _map(self, shard: int) -> mmap.mmap:
         m = self._maps.get(shard)
         if m is None:
+            check_unchanged(self.shard_dir, self.identity)
             with open(self.paths[shard], "rb") as f:
                 m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return m
@@ -56,4 +61,9 @@ class ItemStore:
 
     def text(self, item: int) -> str:
         start = int(self._text_offset[item])
-        return self._map(int(self._shard[item]))[start : start + int(self._text_size[item])].decode()
+        data = self._map(int(self._shard[item]))[start : start + int(self._text_size[item])]
+        try:
+            return data.decode()
+        except UnicodeDecodeError:  # the builder writes UTF-8 only: the shard was altered after the build
+            raise ShardFormatError(f"{self.paths[int(self._shard[item])]}: item {item}'s text is not valid UTF-8: the item shard "
+                                   f"is damaged; rebuild {self.shard_dir}") from None

@@ -14,13 +14,17 @@ import random
 import shutil
 import tarfile
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from ..locks import try_lock
 from .format import FORMAT_VERSION, IMAGE_EXT_CODES, MANIFEST, ShardFormatError
 from .raw import BadInputError, Ledger, RawFormat, RawInteraction, RawItem, load_image_bytes, read_interactions, read_items
 
@@ -36,9 +40,23 @@ class BuildOptions:
     shard_size_mb: float = 256.0
     embed_target_content: bool = True  # put the target's image and text in each interaction sample
     seed: int = 0
+    max_image_mb: float = 64.0  # a larger image file is bad input, never read
+    max_image_pixels: int = 50_000_000  # a larger image (from its header) is bad input, never decoded
     workers: int = max(1, min(2, os.cpu_count() or 1))
     strict: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "cold_item_fraction": 0 <= self.cold_item_fraction < 1, "max_history": self.max_history >= 1,
+            "shard_size_mb": self.shard_size_mb > 0, "workers": self.workers >= 1, "max_image_mb": self.max_image_mb > 0,
+            "max_image_pixels": self.max_image_pixels > 0, "min_user_interactions": self.min_user_interactions >= 0,
+            "min_item_interactions": self.min_item_interactions >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"{bad[0]}: {getattr(self, bad[0])!r} is out of range (cold_item_fraction in [0, 1); max_history, "
+                             f"workers >= 1; shard_size_mb, max_image_mb, max_image_pixels > 0; minimum counts >= 0)")
 
 
 class ShardWriter:
@@ -106,13 +124,14 @@ def _k_core(rows: list[RawInteraction], min_user: int, min_item: int) -> list[Ra
         rows = kept
 
 
-def _load_images(items: list[RawItem], ledger: Ledger, opts: BuildOptions) -> dict[str, tuple[bytes, str]]:
+def _load_images(items: list[RawItem], root: Path, ledger: Ledger, opts: BuildOptions) -> dict[str, tuple[bytes, str]]:
     """Reads and decodes every item image in parallel; bad ones are recorded, their items kept."""
     with_image = [it for it in items if it.image_path is not None]
     images: dict[str, tuple[bytes, str]] = {}
     chunks = max(1, len(with_image) // (opts.workers * 8))
+    load = partial(load_image_bytes, root=root, max_bytes=int(opts.max_image_mb * 2**20), max_pixels=opts.max_image_pixels)
     with Pool(opts.workers) as pool:
-        results = pool.imap(load_image_bytes, [it.image_path for it in with_image], chunksize=chunks)
+        results = pool.imap(load, [it.image_path for it in with_image], chunksize=chunks)
         for item, (data, ext, error) in tqdm(zip(with_image, results), total=len(with_image), desc="images", disable=not opts.progress):
             if data is not None:
                 images[item.raw_id] = (data, ext)
@@ -145,12 +164,55 @@ def _split_user(sequence: list[int], cold: set[int]) -> tuple[dict[str, list[tup
     return out, warm
 
 
+class BuildError(RuntimeError):
+    """Writing the shards failed (disk full, permissions); the output folder is left as it was."""
+
+
+def _is_shard_folder(folder: Path) -> bool:
+    """Recognised by the format marker in its manifest, not by a file name."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(FORMAT_VERSION.split("/")[0] + "/")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not _is_shard_folder(out_dir):
+        raise ShardFormatError(f"{out_dir} exists, is not empty and is not a shard folder (no {MANIFEST} of format "
+                               f"{FORMAT_VERSION}): refusing to replace it")
+
+
+@contextmanager
+def _output_lock(out_dir: Path) -> Iterator[None]:
+    """One build per output folder at a time: an flock on `.OUT.lock` beside it (the file stays, naming its last holder)."""
+    lock, holder = try_lock(out_dir.with_name(f".{out_dir.name}.lock"))
+    if lock is None:
+        raise ShardFormatError(f"{out_dir}: another build is writing it ({holder}); wait for it to finish or build elsewhere")
+    with lock:
+        yield
+
+
 def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = BuildOptions()) -> dict:
-    """Builds the shard folder; returns the manifest. Raises BadInputError in strict mode."""
+    """Builds the shard folder; returns the manifest. Raises BadInputError in strict mode.
+
+    The build writes into `OUT.partial`, under a lock on OUT, and swaps the finished folder in; any failure
+    removes the staging folder and leaves OUT as it was."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw folder {raw_dir} does not exist")
+    _check_replaceable(out_dir)
+    with _output_lock(out_dir):
+        _check_replaceable(out_dir)  # again, now that no other build can be writing it
+        staging = out_dir.with_name(out_dir.name + ".partial")
+        try:
+            return _build(raw_dir, out_dir, staging, opts)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> dict:
     fmt = opts.raw_format
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise ShardFormatError(f"{out_dir} exists, is not empty and is not a shard folder: refusing to replace it")
     ledger = Ledger(strict=opts.strict)
 
     raw_items = read_items(raw_dir, fmt, ledger)
@@ -160,6 +222,9 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
     if opts.min_rating is not None:
         rows = [r for r in rows if r.rating is not None and r.rating >= opts.min_rating]
     rows = _k_core(rows, opts.min_user_interactions, opts.min_item_interactions)
+    if not rows:
+        raise BadInputError(f"{raw_dir}: no interaction is left after the rating filter and the k-core (at least "
+                            f"{opts.min_user_interactions} per user, {opts.min_item_interactions} per item)")
     kept_items = raw_items if opts.min_item_interactions <= 0 else {r.item: raw_items[r.item] for r in rows}
 
     # Id maps: contiguous indices in natural id order, so they do not depend on file order.
@@ -168,7 +233,7 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
     user_index = {u: i for i, u in enumerate(user_ids)}
     item_index = {it: i for i, it in enumerate(item_ids)}
 
-    images = _load_images([kept_items[i] for i in item_ids], ledger, opts)
+    images = _load_images([kept_items[i] for i in item_ids], raw_dir, ledger, opts)
     texts = [kept_items[i].text for i in item_ids]
 
     # Cold items: a seeded fraction of the items that have interactions, never seen in training.
@@ -193,16 +258,44 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
     # Train samples are written in a seeded random order so each shard mixes many users.
     random.Random(opts.seed + 1).shuffle(samples["train"])
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    dataset = _Dataset(user_ids, item_ids, texts, images, cold, samples, seen_indptr, seen_items,
+                       {"raw": raw_counts, "kept": {"users": len(user_ids), "items": len(item_ids), "interactions": len(rows)}})
+    try:
+        manifest = _write(staging, out_dir, dataset, ledger, opts, raw_dir)
+    except OSError as e:
+        free = shutil.disk_usage(staging.parent).free / 2**20
+        raise BuildError(f"writing {out_dir} failed: {e} ({free:.0f} MiB free there); {out_dir} is unchanged") from e
+    manifest["bad_input_report"] = ledger.report()
+    return manifest
+
+
+@dataclass
+class _Dataset:
+    """Everything a build writes, held in memory."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    texts: list[str]
+    images: dict[str, tuple[bytes, str]]
+    cold: set[int]
+    samples: dict[str, list[tuple[int, int, list[int]]]]
+    seen_indptr: list[int]
+    seen_items: list[int]
+    counts: dict
+
+
+def _write(staging: Path, out_dir: Path, data: _Dataset, ledger: Ledger, opts: BuildOptions, raw_dir: Path) -> dict:
+    """Writes the folder into `staging`, then swaps it in for `out_dir`."""
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed build's leftovers (the caller holds the lock)
     staging.mkdir(parents=True)
     max_bytes = int(opts.shard_size_mb * 2**20)
+    user_ids, item_ids, texts, images, cold, samples = data.user_ids, data.item_ids, data.texts, data.images, data.cold, data.samples
 
     shard_lists = {"items": _write_items(staging, texts, item_ids, images, max_bytes, opts)}
     for split, split_samples in samples.items():
         shard_lists[split] = _write_interactions(staging, split, split_samples, texts, item_ids, images, max_bytes, opts)
 
-    np.savez(staging / "seen.npz", indptr=np.asarray(seen_indptr, np.int64), items=np.asarray(seen_items, np.int64))
+    np.savez(staging / "seen.npz", indptr=np.asarray(data.seen_indptr, np.int64), items=np.asarray(data.seen_items, np.int64))
     (staging / "user_ids.json").write_text(json.dumps(user_ids))
     (staging / "item_ids.json").write_text(json.dumps(item_ids))
 
@@ -213,8 +306,7 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
         "max_history": opts.max_history,
         "cold_items": sorted(cold),
         "counts": {
-            "raw": raw_counts,
-            "kept": {"users": len(user_ids), "items": len(item_ids), "interactions": len(rows)},
+            **data.counts,
             "samples": {split: len(s) for split, s in samples.items()},
             "images_present": len(images),
             "images_missing": len(item_ids) - len(images),
@@ -234,7 +326,6 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
         os.replace(out_dir, old)
     os.replace(staging, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    manifest["bad_input_report"] = ledger.report()
     return manifest
 
 
@@ -243,6 +334,7 @@ def _options_dict(opts: BuildOptions, raw_dir: Path) -> dict:
     for transient in ("workers", "progress"):  # they do not change the output
         options.pop(transient)
     options["raw_format"]["text_fields"] = list(opts.raw_format.text_fields)
+    options["raw_format"]["rating_range"] = list(opts.raw_format.rating_range)
     options["raw_dir"] = raw_dir.name
     return options
 
@@ -293,4 +385,4 @@ def _write_interactions(staging: Path, split: str, split_samples, texts, item_id
     return writer.close()
 
 
-__all__ = ["BuildOptions", "ShardWriter", "build_shards", "BadInputError"]
+__all__ = ["BuildOptions", "BuildError", "ShardWriter", "build_shards", "BadInputError"]

@@ -31,11 +31,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .format import IMAGE_KEYS, load_manifest, shard_paths, split_size
+from .format import IMAGE_KEYS, ShardFormatError, check_unchanged, dataset_identity, load_manifest, shard_paths, split_size
 from .item_store import ItemStore
 from .preprocess import ItemPreprocess
 
 PAD = -1  # history padding and "no slot"
+# Resampled reading draws shards with replacement: with a single readable shard among N, the chance that none of
+# 20 N draws hits it is e^-20. More draws than that without one readable sample: every shard is damaged.
+UNREADABLE_DRAWS_PER_SHARD = 20
 
 
 @dataclass
@@ -87,6 +90,7 @@ class InteractionStream(IterableDataset):
         content: bool = True,
     ):
         self.shard_dir = Path(shard_dir)
+        identity = dataset_identity(self.shard_dir)  # before the manifest is read: a rebuild after it is noticed
         self.manifest = load_manifest(self.shard_dir)
         self.split, self.batch_size, self.preprocess = split, batch_size, preprocess
         self.rank, self.world_size = rank, world_size
@@ -95,7 +99,8 @@ class InteractionStream(IterableDataset):
         self.content = content  # False: ids only, nothing decoded (evaluation, cached features)
         self.urls = shard_paths(self.shard_dir, self.manifest, split)
         self.max_history = self.manifest["max_history"]
-        self.store = ItemStore(self.shard_dir, self.manifest)
+        self.store = ItemStore(self.shard_dir, self.manifest, identity)
+        self._shards_since_sample = 0
         self.epoch, self.start_batch = 0, 0
         self._corrupt = 0
         if resampled and self.batches_per_rank() == 0:
@@ -124,14 +129,22 @@ class InteractionStream(IterableDataset):
         return random.Random("-".join(str(p) for p in (self.seed, self.epoch, *parts)))
 
     def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """Shard urls for this (rank, worker); each is checked against the dataset the run started on."""
         if self.resampled:
             rng = self._rng("shards", self.rank, worker)
             while True:
+                check_unchanged(self.shard_dir, self.store.identity)
+                self._shards_since_sample += 1
+                if self._shards_since_sample > UNREADABLE_DRAWS_PER_SHARD * len(self.urls):
+                    raise ShardFormatError(f"{self.shard_dir}: no readable '{self.split}' sample in the last {self._shards_since_sample} "
+                                           f"shard reads: every shard seems damaged; rebuild the folder")
                 yield {"url": rng.choice(self.urls)}
         urls = list(self.urls)
         self._rng("shards").shuffle(urls)  # the same permutation on every rank
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        yield from ({"url": u} for u in urls[slot::slots])
+        for url in urls[slot::slots]:
+            check_unchanged(self.shard_dir, self.store.identity)
+            yield {"url": url}
 
     def _count_corrupt(self, exn: Exception) -> bool:
         self._corrupt += 1
@@ -144,9 +157,12 @@ class InteractionStream(IterableDataset):
                 header = json.loads(sample["json"])
                 history = [int(i) for i in header["history"]][-self.max_history :]
                 sample["parsed"] = (int(header["user"]), int(header["target"]), history)
+                if "txt" in sample:
+                    sample["txt"] = sample["txt"].decode()  # not UTF-8: the sample is corrupt, not the worker
             except Exception:
                 self._corrupt += 1
                 continue
+            self._shards_since_sample = 0
             yield sample
 
     def raw_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[dict]]:
@@ -194,7 +210,7 @@ class InteractionStream(IterableDataset):
         """(image bytes and extension or None, text): from the sample when it carries them, else the store."""
         if sample is not None and "txt" in sample:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
-            return ((sample[ext], ext) if ext else None), sample["txt"].decode()
+            return ((sample[ext], ext) if ext else None), sample["txt"]
         return self.store.image(item), self.store.text(item)
 
     def decode(self, raw: list[dict]) -> Batch:

@@ -7,6 +7,11 @@ run_dir/checkpoints/step00000100/   DeepSpeed's files (any ZeRO stage) + client 
 run_dir/checkpoints/latest          the newest complete tag, replaced atomically
 
 A run killed mid-save leaves a tag without COMPLETE; it is never taken as the latest.
+
+Checkpoints may come from someone else (a shared filesystem, a downloaded run): nothing in them is
+unpickled. Every DeepSpeed file of a tag is checked before it is loaded (`verify_tag`: a readable
+archive whose pickle names tensors, plain containers and DeepSpeed's three checkpoint types only),
+and every torch.load while loading, DeepSpeed's included, runs weights-only (`safe_loading`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,7 +33,24 @@ COMPLETE = "COMPLETE"
 
 class SaveError(RuntimeError):
     """A checkpoint could not be written (disk full, folder not writable); the previous one is kept."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of the tag is truncated or not an archive torch can read (`--resume latest` falls back)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file of the tag holds pickled objects that loading would run: refused, never skipped quietly."""
+
+
 TAG = re.compile(r"^step(\d{8})$")
+# What DeepSpeed's own checkpoint files hold besides tensors and plain containers (its ZeRO optimizer states).
+DEEPSPEED_CHECKPOINT_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                              "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def tag_for(step: int) -> str:
@@ -89,22 +113,76 @@ def discard(checkpoint_dir: Path, tag: str) -> None:
     shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
 
 
-def resolve_resume(resume: str | None, run_dir: Path, log=print) -> tuple[Path, str] | None:
-    """`--resume latest` or a checkpoint folder path -> (checkpoint dir, tag), or None to start fresh.
+def verify_tag(tag_dir: Path) -> None:
+    """Checks every DeepSpeed file of a tag without unpickling anything: each must be a readable torch archive
+    whose pickle names only tensors, plain containers and DeepSpeed's checkpoint types."""
+    files = sorted(Path(tag_dir).glob("*.pt"))
+    if not files:
+        raise DamagedCheckpointError(f"{tag_dir}: no DeepSpeed state files (*.pt)")
+    for path in files:
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:  # torch's archive reader raises RuntimeError and others for a cut or foreign file
+            raise DamagedCheckpointError(f"{path}: unreadable ({str(e).strip().splitlines()[0][:200]}): the file is truncated or "
+                                         f"damaged") from None
+        unsafe = sorted(set(found) - set(DEEPSPEED_CHECKPOINT_TYPES))
+        if unsafe:
+            raise UnsafeCheckpointError(f"{path}: refused: it holds pickled object(s) of {unsafe}, which are neither tensors nor "
+                                        f"DeepSpeed's checkpoint types; loading it would run code from the file")
 
-    `latest` skips (and says so) any newer tag whose save was interrupted."""
+
+def _deepspeed_checkpoint_types() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def safe_loading() -> Iterator[None]:
+    """Every torch.load inside, DeepSpeed's own (which ask for weights_only=False) included, is weights-only,
+    with DeepSpeed's checkpoint types allowed."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def resolve_resume(resume: str | None, run_dir: Path, log=print) -> tuple[Path, str] | None:
+    """`--resume latest` or a checkpoint folder path -> (checkpoint dir, tag), verified, or None to start fresh.
+
+    `latest` skips (and says so) any newer tag whose save was interrupted or whose files are damaged, and takes
+    the newest complete tag that verifies. A tag holding pickled code is an error, never skipped."""
     if resume is None:
         return None
     if resume == "latest":
         checkpoint_dir = run_dir / "checkpoints"
-        tag = latest_complete(checkpoint_dir)
+        tags = complete_tags(checkpoint_dir)
         for skipped in interrupted_tags(checkpoint_dir):
             log(f"--resume latest: {checkpoint_dir / skipped} is incomplete (no {COMPLETE} marker: its save was "
-                f"interrupted); {'resuming from ' + tag if tag else 'no complete checkpoint before it'}")
-        return (checkpoint_dir, tag) if tag else None
+                f"interrupted); {'resuming from ' + tags[-1] if tags else 'no complete checkpoint before it'}")
+        for tag in reversed(tags):
+            try:
+                verify_tag(checkpoint_dir / tag)
+            except DamagedCheckpointError as e:
+                log(f"--resume latest: skipping {checkpoint_dir / tag}: {e}")
+                continue
+            return checkpoint_dir, tag
+        if tags:
+            raise DamagedCheckpointError(f"--resume latest: none of the complete checkpoints in {checkpoint_dir} is readable "
+                                         f"({', '.join(tags)}); not starting over on top of them")
+        return None
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
+    verify_tag(path)
     return path.parent, path.name
 
 

@@ -26,6 +26,11 @@ def build_deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
         ds = json.loads(path.read_text())
     except ValueError as e:
         raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({e})") from e
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed_config: {path} is not a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{path}: '{section}' is set by the mmscale config (optim.*); remove it from the DeepSpeed config")

@@ -9,6 +9,7 @@ are accumulated on the device and reduced across ranks every `train.log_every` s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -24,16 +25,23 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, dump_config
-from ..data.format import load_manifest
-from ..data.item_store import ItemStore
+from ..data.format import MANIFEST, load_manifest
 from ..data.stream import Batch, InteractionStream, make_loader
 from ..eval.evaluate import Collectives, encode_catalogue, evaluate
+from ..locks import try_lock
 from ..models import build_preprocess
 from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .distributed import all_reduce_sum, any_rank, barrier, deepspeed, gather, init_distributed
 from .monitor import Monitor
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops before that step's update; the last checkpoint stays."""
+
+
+MAX_NONFINITE_IN_A_ROW = 10  # train.on_nonfinite_loss=skip: a model this far gone does not come back
 
 
 def _git_revision() -> str:
@@ -70,13 +78,15 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.run_dir = Path(config.train.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._lock_run_dir()
 
         manifest = load_manifest(config.data.shards)  # a missing or stale shard folder stops here
         self.shard_dir = Path(config.data.shards)
+        self.manifest_sha256 = hashlib.sha256((self.shard_dir / MANIFEST).read_bytes()).hexdigest()
+        self._check_shards_match()
         self.preprocess = build_preprocess(config.encoder)
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         task = build_task(config, manifest, self.shard_dir)
-        self._check_shards_match(manifest)
 
         cuda = self.dist.device.type == "cuda"
         self.bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
@@ -122,17 +132,28 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, self.dist.is_main)
 
     # -- setup --------------------------------------------------------------------------------------
-    def _check_shards_match(self, manifest: dict) -> None:
-        """A run resumed on other shards would silently mix up ids: compare with the run's record."""
+    def _lock_run_dir(self) -> None:
+        """One training per run folder: rank 0 holds an flock on RUN/.lock for the life of the process; a second
+        training into the same folder stops at start instead of interleaving metrics and overwriting checkpoints."""
+        holder = None
+        if self.dist.is_main:
+            self._run_lock, holder = try_lock(self.run_dir / ".lock")
+        if any_rank(holder is not None):
+            raise ConfigError(f"train.run_dir: {self.run_dir} is in use by another training ({holder or 'seen by rank 0'}); "
+                              f"wait for it, or give this run its own train.run_dir")
+
+    def _check_shards_match(self) -> None:
+        """A run continued on other shards would silently mix datasets: its manifest must be the one it started on."""
         info = self.run_dir / "run_info.json"
-        if info.is_file():
-            before = json.loads(info.read_text()).get("data", {})
-            now = {"num_users": manifest["num_users"], "num_items": manifest["num_items"]}
-            for key, value in now.items():
-                if key in before and before[key] != value:
-                    raise ConfigError(
-                        f"data.shards: {self.shard_dir} has {key}={value} but run {self.run_dir} was trained with {before[key]}"
-                    )
+        if not info.is_file():
+            return
+        try:
+            before = json.loads(info.read_text()).get("data", {}).get("manifest_sha256")
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"train.run_dir: {info} is not a run record ({e})") from None
+        if before is not None and before != self.manifest_sha256:
+            raise ConfigError(f"data.shards: {self.shard_dir} is not the dataset run {self.run_dir} was trained on (manifest "
+                              f"sha256 {self.manifest_sha256[:12]}..., the run's {before[:12]}...); train on it in a new train.run_dir")
 
     def _optimizer(self, task, ds_config: dict) -> torch.optim.Optimizer:
         groups = []
@@ -165,7 +186,8 @@ class Trainer:
             dump_config(self.config, self.run_dir / "config.json")
             info = {
                 "git_revision": _git_revision(), "derived": derived, "deepspeed": ds_config,
-                "data": {"shards": str(self.shard_dir), "num_users": manifest["num_users"], "num_items": manifest["num_items"]},
+                "data": {"shards": str(self.shard_dir), "num_users": manifest["num_users"], "num_items": manifest["num_items"],
+                         "manifest_sha256": self.manifest_sha256},
             }
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
             self.log(json.dumps({"config": self.config.to_dict(), "git_revision": info["git_revision"], **derived}, indent=2))
@@ -191,7 +213,7 @@ class Trainer:
     @torch.no_grad()
     def cache_content(self) -> None:
         """Encodes every item (in parallel across ranks, in eval mode) and hands the content to the task's cache."""
-        store = ItemStore(self.shard_dir)
+        store = self.stream.store
         # Under ZeRO-3 a frozen encoder's partitions are not gathered by the training hooks before
         # the first step; gather them explicitly for this one pass over the catalogue.
         gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
@@ -225,6 +247,7 @@ class Trainer:
         names = sorted(self.task.loss_weights)
         running = torch.zeros(len(names) + 1, device=self.dist.device)  # per-loss sums and the total
         micro, items_encoded, corrupt, data_wait, window_start = 0, 0, 0, 0.0, time.perf_counter()
+        skipped, skipped_in_a_row = 0, 0
         last: dict = {}
         progress = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         self.engine.train()
@@ -240,6 +263,13 @@ class Trainer:
             corrupt += int(batch.corrupt_samples)  # a CPU tensor from the loader: no device sync
             losses = self.engine(batch.to(self.dist.device), gather)
             total = sum(self.task.loss_weights[n] * losses[n] for n in names)
+            # One host sync per step: the only way to keep a NaN out of the weights is to look before the update.
+            if any_rank(not bool(torch.isfinite(total))):
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                if cfg.on_nonfinite_loss == "stop" or skipped_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    self._stop_nonfinite(names, losses, skipped_in_a_row)
+                continue
+            skipped_in_a_row = 0
             self.engine.backward(total)
             self.engine.step()  # DeepSpeed steps the optimizer on accumulation boundaries only
             running += torch.stack([losses[n].detach().float() for n in names] + [total.detach().float()])
@@ -252,10 +282,11 @@ class Trainer:
             cache_due = self.task.content_cache_due(self.step)
             if self.step % cfg.log_every == 0 or self.step == end or cache_due:
                 elapsed = time.perf_counter() - window_start
-                last = self._log_scalars(names, running / micro, micro, items_encoded, corrupt, data_wait, elapsed)
+                last = self._log_scalars(names, running / micro, micro, items_encoded, corrupt, data_wait, elapsed, skipped)
                 progress.set_postfix(loss=f"{last['loss/total']:.4f}")
                 running.zero_()
                 micro, items_encoded, corrupt, data_wait, window_start = 0, 0, 0, 0.0, time.perf_counter()
+                skipped = 0
             if cache_due:  # e.g. fine_tuned: adaptation is over, the encoder freezes and its losses change
                 self.cache_content()
                 names = sorted(self.task.loss_weights)
@@ -277,12 +308,21 @@ class Trainer:
         self.monitor.close()
         return {"scalars": last, "eval": results, "step": self.step, "stopped": self.stop_signal is not None and not finished}
 
+    def _stop_nonfinite(self, names, losses, in_a_row: int) -> None:
+        values = ", ".join(f"{n} {float(losses[n]):.4g}" for n in names)
+        kept = checkpoint.latest_complete(self.checkpoint_dir)
+        raise NonFiniteLossError(
+            f"step {self.step + 1}: the loss is not finite ({values}"
+            f"{f'; {in_a_row} batches in a row' if in_a_row > 1 else ''}); stopped before this step's update, nothing saved; "
+            f"{f'the last checkpoint {self.checkpoint_dir / kept} is kept' if kept else 'no checkpoint was saved before'}. "
+            f"Lower the learning rates, check the data, or set train.on_nonfinite_loss=skip")
+
     def _request_stop(self, signum, frame) -> None:
         self.stop_signal = signum
         print(f"rank {self.dist.rank}: received {signal.Signals(signum).name}; stopping at the next step boundary",
               file=sys.stderr, flush=True)
 
-    def _log_scalars(self, names, mean_losses, micro, items_encoded, corrupt, data_wait, elapsed) -> dict:
+    def _log_scalars(self, names, mean_losses, micro, items_encoded, corrupt, data_wait, elapsed, skipped) -> dict:
         """The one host synchronisation of a logging window: reduce across ranks, then log."""
         counts = torch.tensor([items_encoded, corrupt, data_wait, elapsed], dtype=torch.float64)
         reduced = all_reduce_sum(torch.cat([mean_losses.double().cpu(), counts]))
@@ -296,6 +336,7 @@ class Trainer:
             "perf/items_encoded_per_s": items / (secs / world),
             "perf/data_wait_fraction": wait / secs,
             "data/corrupt_samples_skipped": corrupt,
+            "train/nonfinite_batches_skipped": skipped,
             **{f"lr/{g['name'].split('/')[0]}": g["lr"] for g in self.optimizer.param_groups},
         })
         grad_norm = self.engine.get_global_grad_norm()
@@ -338,7 +379,8 @@ class Trainer:
         return self.checkpoint_dir / tag
 
     def _load(self, checkpoint_dir: Path, tag: str) -> None:
-        _, client = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        with checkpoint.safe_loading():  # verified by resolve_resume; weights-only all the same
+            _, client = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.epoch, self.batch_in_epoch = client["data"]["epoch"], client["data"]["batch"]
         self.resumed_from = checkpoint_dir / tag

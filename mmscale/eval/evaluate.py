@@ -22,6 +22,10 @@ from ..data.stream import PAD, InteractionStream
 from .metrics import metric_sums, target_ranks
 
 
+class NonFiniteModelError(ValueError):
+    """The model holds NaN or infinite parameters: no metric is reported from it."""
+
+
 @dataclass(frozen=True)
 class Collectives:
     rank: int
@@ -59,6 +63,15 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     return image, text, has_image
 
 
+def check_finite_parameters(task, coll: Collectives, device) -> None:
+    """Raises on every rank if any rank's parameters (its ZeRO-3 partition, or the whole tensors) hold NaN or inf."""
+    bad = [name for name, p in task.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+    if float(coll.all_reduce_sum(torch.tensor([float(len(bad))], device=device))[0]) > 0:
+        where = f" (e.g. {', '.join(bad[:3])})" if bad else " (on another rank)"
+        raise NonFiniteModelError(f"the model has non-finite parameters{where}: the run diverged; no metrics are reported "
+                                  f"from a broken model")
+
+
 def _seen_mask(users: torch.Tensor, history: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
     """[B, N] True at every item the user interacted with before the target: the training items (seen.npz) and
     the sample's own history, which for a test target also holds the valid item."""
@@ -83,12 +96,13 @@ def evaluate(
     num_workers: int = 0,
 ) -> dict[str, dict[str, float]]:
     """{split: {"recall@K": ..., "ndcg@K": ..., "samples": n}} over the configured splits."""
+    check_finite_parameters(task, coll, device)
     was_training = task.training
     task.eval()
     stream = InteractionStream(shard_dir, "valid", config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
     content = None
     if task.uses_catalogue_content:
-        content = encode_catalogue(task, ItemStore(shard_dir, stream.manifest), preprocess, coll, device, config.batch_size, num_workers)
+        content = encode_catalogue(task, stream.store, preprocess, coll, device, config.batch_size, num_workers)
     ranking = task.ranking(content)
     table = ranking.items
     seen = np.load(Path(shard_dir) / "seen.npz")

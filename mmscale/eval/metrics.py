@@ -9,8 +9,10 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
     """0-based rank of each target among all items (ties count against the target).
 
     scores [B, N]; targets [B]; excluded [B, N] bool: items removed from the ranking
-    (a user's training items). The target itself is never excluded.
+    (a user's training items). The target itself is never excluded. A NaN score ranks last: a NaN
+    target is beaten by every item, a NaN item beats none (`>=` with NaN is false either way).
     """
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     target_scores = scores.gather(1, targets.unsqueeze(1))
     above = scores >= target_scores
     above.scatter_(1, targets.unsqueeze(1), False)
