@@ -240,6 +240,15 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def config_from_values(values: dict, overrides: list[str] = ()) -> Config:
+    """Defaults <- parsed values (a file's, a run's config.json) <- `--set` overrides, validated as a whole."""
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- file (JSON or YAML) <- `--set` overrides, validated as a whole."""
     values: dict = {}
@@ -253,11 +262,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: cannot parse ({e})") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    for text in overrides:
-        values = _merge(values, parse_override(text))
-    config = _build(Config, values)
-    validate(config)
-    return config
+    return config_from_values(values, overrides)
 
 
 def _resolve_paradigm(config: Config) -> None:
@@ -281,6 +286,12 @@ def _resolve_paradigm(config: Config) -> None:
     if encoder.paradigm not in (None, natural):
         raise ConfigError(f"encoder.paradigm: {encoder.paradigm!r} contradicts the sequential task: {why}; leave it unset or set {natural!r}")
     encoder.paradigm = natural
+
+
+def _able(capability: str) -> str:
+    from .models import ENCODERS
+
+    return " or ".join(f"encoder.kind={kind}" for kind, entry in ENCODERS.items() if capability in entry.capabilities)
 
 
 def validate(config: Config) -> None:
@@ -354,22 +365,25 @@ def validate(config: Config) -> None:
         raise ConfigError("train.epochs and train.max_steps are both 0: the run would train nothing")
     if not config.recommender.user_id_embedding and config.recommender.history_pooling == "none":
         raise ConfigError("recommender: user_id_embedding=false with history_pooling=none leaves the user tower empty")
-    known_losses = ("rec", "itc", "seq_item", "seq_seq", "itm", "mlm")
-    for name in config.objectives.weights:
-        if name not in known_losses:
-            raise ConfigError(f"objectives.weights.{name}: unknown loss (known: {list(known_losses)})")
-    if config.encoder.kind != "vlmo":
-        for name in ("itm", "mlm"):
-            if config.objectives.weights.get(name):
-                raise ConfigError(f"objectives.weights.{name}: a fusion-mode loss; it needs encoder.kind=vlmo, not {config.encoder.kind!r}")
-        if config.encoder.item_representation == "fusion":
-            raise ConfigError(f"encoder.item_representation: fusion needs encoder.kind=vlmo, not {config.encoder.kind!r}")
+    from .models import ENCODERS, encoder_can
+    from .objectives import LOSSES
+
+    if config.encoder.kind not in ENCODERS:
+        raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: {', '.join(ENCODERS)})")
+    for name, weight in config.objectives.weights.items():
+        if name not in LOSSES:
+            raise ConfigError(f"objectives.weights.{name}: unknown loss (known: {list(LOSSES)})")
+        needs = LOSSES[name]
+        if weight and needs and not encoder_can(config.encoder.kind, needs):
+            raise ConfigError(f"objectives.weights.{name}: needs an encoder with the {needs!r} capability "
+                              f"({_able(needs)}), not encoder.kind={config.encoder.kind!r}")
+    if config.encoder.item_representation == "fusion" and not encoder_can(config.encoder.kind, "fusion"):
+        raise ConfigError(f"encoder.item_representation: fusion needs an encoder with the 'fusion' capability "
+                          f"({_able('fusion')}), not encoder.kind={config.encoder.kind!r}")
     if config.task == "sequential" and config.encoder.item_representation == "fusion":
         raise ConfigError("encoder.item_representation: fusion is for the two_tower task (MP4SR reads image and text features apart)")
     if config.task == "two_tower" and not any(config.objectives.weights.get(n) for n in ("rec", "itc")):
         raise ConfigError("objectives.weights: rec and itc are both 0; the two_tower task would train nothing")
-    if config.encoder.kind not in ("clip", "vlmo"):
-        raise ConfigError(f"encoder.kind: unknown encoder {config.encoder.kind!r} (known: clip, vlmo)")
     if config.task == "two_tower" and config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
         raise ConfigError("objectives.weights.itc: the frozen paradigm does not train the encoder; set it to 0")
     if config.encoder.paradigm == "fine_tuned" and not config.objectives.weights.get("rec"):

@@ -38,7 +38,7 @@ def ml100k_shards(ml100k_raw, tmp_path_factory):
     """(shard folder, manifest) of ml100k-mm built with default options, once per session.
 
     ~25 s and ~1.5 GB; the folder is removed at the end of the session."""
-    from mmscale.data.shards import BuildOptions, build_shards
+    from mmscale.build.shards import BuildOptions, build_shards
 
     root = tmp_path_factory.mktemp("ml100k")
     out = root / "shards"
@@ -50,8 +50,8 @@ def ml100k_shards(ml100k_raw, tmp_path_factory):
 @pytest.fixture(scope="session")
 def world_shards(tmp_path_factory) -> Path:
     """The generated world at a small size (60 users, 80 items), sharded once: for the multi-process tests."""
-    from mmscale.data.shards import BuildOptions, build_shards
-    from mmscale.data.world import WorldSpec, generate_world
+    from mmscale.build.shards import BuildOptions, build_shards
+    from mmscale.build.world import WorldSpec, generate_world
 
     root = tmp_path_factory.mktemp("tiny-world")
     generate_world(root / "raw", WorldSpec(num_users=60, num_items=80, min_interactions_per_user=8, max_interactions_per_user=20))
@@ -277,7 +277,7 @@ def shard_reader():
     return Reader
 
 
-# -- the raw files, parsed independently of mmscale.data.raw -------------------------------------
+# -- the raw files, parsed independently of mmscale.build.raw -------------------------------------
 def parse_raw(root: Path) -> tuple[list[tuple[int, str, str, float, float]], dict[str, dict]]:
     """(rows as (line, user, item, timestamp, rating) in file order, items by raw id)."""
     rows = []

@@ -14,8 +14,9 @@ import pytest
 
 from mmscale.data.format import MANIFEST, ShardFormatError, load_manifest
 from mmscale.data.item_store import ItemStore
-from mmscale.data.raw import BAD_KINDS
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.build.raw import BAD_KINDS
+from mmscale.build.shards import BuildOptions, build_shards
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_HISTORY = 50
@@ -64,12 +65,7 @@ def all_files(folder: Path) -> dict[str, bytes]:
 
 
 def run_cli(argv: list[str]) -> int:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mmscale_tools_build_shards", REPO / "tools" / "build_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_program("tools/build_shards.py").main(argv)
 
 
 TINY_OPTS = dict(progress=False, workers=1)

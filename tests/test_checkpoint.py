@@ -66,7 +66,7 @@ def test_resume_latest_skips_an_interrupted_save_and_says_so(tmp_path):
     found = checkpoint.resolve_resume("latest", tmp_path, messages.append)
     assert found == (checkpoints, "step00000002")
     assert len(messages) == 2  # one line per incomplete tag
-    assert "step00000006 is incomplete" in messages[-1] and "resuming from step00000002" in messages[-1]
+    assert "step00000006 is incomplete" in messages[-1] and "taking step00000002" in messages[-1]
     assert "step00000004 is incomplete" in messages[-2]
 
 

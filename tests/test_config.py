@@ -3,7 +3,6 @@ exit code 2 for bad configurations and mismatched shards."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from mmscale.config import Config, ConfigError, load_config, parse_override, validate
 from mmscale.engine.deepspeed_config import build_deepspeed_config
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_TINY = REPO / "configs" / "models" / "clip-tiny.json"
@@ -295,10 +295,7 @@ def test_shipped_deepspeed_configs_build(name, stage, bf16):
 
 # -- launch/train.py main --------------------------------------------------------------------------
 def _load_train_main():
-    spec = importlib.util.spec_from_file_location("mmscale_launch_train", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_program("launch/train.py").main
 
 
 @pytest.fixture
@@ -325,8 +322,8 @@ def train_main(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
-    from mmscale.data.shards import BuildOptions, build_shards
-    from mmscale.data.world import WorldSpec, generate_world
+    from mmscale.build.shards import BuildOptions, build_shards
+    from mmscale.build.world import WorldSpec, generate_world
 
     root = tmp_path_factory.mktemp("tiny-world")
     spec = WorldSpec(num_users=12, num_items=20, min_interactions_per_user=4, max_interactions_per_user=8, image_size=16)

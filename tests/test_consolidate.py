@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -95,19 +96,15 @@ def deepspeed_cmd(ranks: int) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(29500 + (os.getpid() + 517) % 1000)]
 
 
-def tool():
-    """The tool module, imported the way tools/evaluate.py imports it."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    import consolidate_checkpoint
-
-    return consolidate_checkpoint
+def cli(argv: list[str]) -> int:
+    """tools/consolidate_checkpoint.py's command line, run in this process."""
+    return load_program("tools/consolidate_checkpoint.py").main(argv)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from mmscale.data.shards import BuildOptions, build_shards
-    from mmscale.data.world import WorldSpec, generate_world
+    from mmscale.build.shards import BuildOptions, build_shards
+    from mmscale.build.world import WorldSpec, generate_world
 
     root = tmp_path_factory.mktemp("consolidate-world")
     generate_world(root / "raw", WorldSpec(num_users=120, num_items=150))
@@ -129,7 +126,9 @@ def _train_and_export(name: str, shards: Path, root: Path) -> dict:
             "--stage", str(stage), "--out", str(states)]
     if ranks == 1:
         run([sys.executable] + args, threads=2)
-        record = tool().consolidate(run_dir, export, num_workers=0)
+        from mmscale.engine.export import consolidate
+
+        record = consolidate(run_dir, export, num_workers=0)
     else:
         run(deepspeed_cmd(ranks) + args + ["--eval"], threads=1)
         proc = run([sys.executable, str(TOOLS / "consolidate_checkpoint.py"), str(run_dir), "--out", str(export), "--num-workers", "0"])
@@ -160,12 +159,13 @@ def task_from_export(export: Path, shard_dir: Path):
     """A RecommendationTask holding the exported whole-task weights (config: the recorded one)."""
     from safetensors.torch import load_file
 
-    from mmscale.config import Config, _build
+    from mmscale.config import config_from_values
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.engine.restore import task_with_weights
 
     record = json.loads((export / "consolidated.json").read_text())
-    config = _build(Config, record["config"])
-    task, _ = tool().build_task(config, load_file(str(export / "model.safetensors")))
-    return task, config
+    config = config_from_values(record["config"])
+    return task_with_weights(config, ShardSet.open(shard_dir), load_file(str(export / "model.safetensors"))), config
 
 
 def item_batch(shard_dir: Path, preprocess, items: list[int]) -> dict:
@@ -261,6 +261,8 @@ def test_item_table(name, runs, shards):
 
 @pytest.mark.parametrize("name", RUNS)
 def test_consolidated_json(name, runs):
+    from mmscale.data.format import file_sha256 as sha256
+
     r = runs(name)
     export, record = r["export"], r["record"]
     assert json.loads((export / "consolidated.json").read_text()) == json.loads(json.dumps(record))
@@ -268,7 +270,7 @@ def test_consolidated_json(name, runs):
     assert {"model.safetensors", "encoder_open_clip.safetensors", "item_embeddings.safetensors"} <= listed
     assert listed | {"consolidated.json"} == {p.name for p in export.iterdir()}
     for file, entry in record["files"].items():
-        assert entry["sha256"] == tool().sha256(export / file), file
+        assert entry["sha256"] == sha256(export / file), file
         assert entry["bytes"] == (export / file).stat().st_size
     source = record["source"]
     assert source["tag"] == f"step{STEPS:08d}" and source["step"] == STEPS
@@ -285,16 +287,13 @@ def test_consolidated_json(name, runs):
 @pytest.mark.distributed
 def test_evaluate_tool_on_the_two_rank_run(runs):
     """tools/evaluate.py in one process on the merged ZeRO-3 partitions gives the 2-rank trainer's metrics."""
-    import importlib.util
+    from mmscale.engine.restore import evaluate_checkpoint
 
     r = runs("zero3-2ranks")
     entries = [json.loads(line) for line in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     logged = {k: v for e in entries for k, v in e.items() if k.startswith("eval/")}
     assert logged, "the 2-rank run logged no evaluation"
-    spec = importlib.util.spec_from_file_location("mmscale_tools_evaluate", TOOLS / "evaluate.py")
-    evaluate_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_tool)
-    out = evaluate_tool.evaluate_checkpoint(r["run_dir"], device="cpu", num_workers=0)
+    out = evaluate_checkpoint(r["run_dir"], device="cpu", num_workers=0)
     assert out["step"] == STEPS
     flat = {f"eval/{split}/{k}": v for split, metrics in out["eval"].items() for k, v in metrics.items()}
     assert sorted(flat) == sorted(logged)
@@ -306,26 +305,32 @@ def test_reproducible(runs, tmp_path):
     """Consolidating the same tag again, from the tag folder, gives byte-identical files."""
     r = runs("zero2-1rank")
     tag_dir = r["run_dir"] / "checkpoints" / f"step{STEPS:08d}"
-    again = tool().consolidate(tag_dir, tmp_path / "again", num_workers=0)
+    from mmscale.engine.export import consolidate
+
+    again = consolidate(tag_dir, tmp_path / "again", num_workers=0)
     assert {k: v["sha256"] for k, v in again["files"].items()} == {k: v["sha256"] for k, v in r["record"]["files"].items()}
     assert again["source"] == r["record"]["source"]
 
 
 def test_tag_folder_and_resolution(runs, tmp_path):
     """A tag folder is taken as is; a run folder gives its newest complete tag, never an incomplete one."""
-    ct = tool()
+    import torch
+
+    from mmscale.engine.checkpoint import resolve_source
+
     run_dir = runs("zero2-1rank")["run_dir"]
     tag_dir = run_dir / "checkpoints" / f"step{STEPS:08d}"
-    assert ct.resolve_checkpoint(tag_dir) == ct.resolve_checkpoint(run_dir) == ct.resolve_checkpoint(run_dir / "checkpoints")
+    assert resolve_source(tag_dir) == resolve_source(run_dir) == resolve_source(run_dir / "checkpoints")
     fake = tmp_path / "run" / "checkpoints"
     for tag in ("step00000003", "step00000009"):
         (fake / tag).mkdir(parents=True)
+        torch.save({"module": {}}, fake / tag / "mp_rank_00_model_states.pt")
     (fake / "step00000003" / "COMPLETE").write_text("step00000003\n")
-    assert ct.resolve_checkpoint(tmp_path / "run").tag == "step00000003"
+    assert resolve_source(tmp_path / "run").tag == "step00000003"
 
 
 def _error(argv: list[str], capsys) -> str:
-    code = tool().main(argv)
+    code = cli(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     return err

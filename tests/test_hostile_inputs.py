@@ -25,11 +25,12 @@ from PIL import Image
 from mmscale.config import ConfigError, load_config
 from mmscale.data.format import MANIFEST, ShardFormatError, load_manifest
 from mmscale.data.item_store import ItemStore
-from mmscale.data.raw import BadInputError
-from mmscale.data.shards import BuildError, BuildOptions, build_shards
+from mmscale.build.raw import BadInputError
+from mmscale.build.shards import BuildError, BuildOptions, build_shards
 from mmscale.data.stream import InteractionStream
 from mmscale.engine import checkpoint
 from mmscale.eval.metrics import target_ranks
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(progress=False, workers=1)
@@ -37,12 +38,7 @@ TINY = dict(progress=False, workers=1)
 
 def build_shards_cli(argv: list[str]) -> int:
     """tools/build_shards.py's main, run in this process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mmscale_tools_build_shards", REPO / "tools" / "build_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_program("tools/build_shards.py").main(argv)
 
 
 def clean_env() -> dict:
@@ -199,17 +195,17 @@ def test_nan_scores_rank_last():
 
 
 def test_evaluation_refuses_a_model_with_non_finite_parameters(world_shards):
-    from mmscale.eval.evaluate import Collectives, NonFiniteModelError, evaluate
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.eval.evaluate import NonFiniteModelError, evaluate, single_process
     from mmscale.models import build_preprocess
     from mmscale.tasks import build_task
 
     config = load_config(None, [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}"])
-    task = build_task(config, load_manifest(world_shards), world_shards)
+    task = build_task(config, ShardSet.open(world_shards))
     with torch.no_grad():
         task.user_tower.history_proj.weight[0, 0] = float("nan")
-    one = Collectives(0, 1, lambda x, uneven=False: x, lambda x: x)
     with pytest.raises(NonFiniteModelError, match="user_tower.history_proj.weight"):
-        evaluate(task, world_shards, config.eval, build_preprocess(config.encoder), one, "cpu")
+        evaluate(task, world_shards, config.eval, build_preprocess(config.encoder), single_process(), "cpu")
 
 
 # -- 3. no file outside the dataset is read ------------------------------------------------------------------
@@ -262,7 +258,7 @@ def test_a_folder_with_a_foreign_manifest_is_not_a_shard_folder(tiny_raw, tmp_pa
 
 
 def test_a_second_build_into_the_same_folder_is_a_named_error(tiny_raw, tmp_path):
-    from mmscale.data.shards import _output_lock
+    from mmscale.build.shards import _output_lock
 
     root, out = tiny_raw().write(tmp_path / "raw"), tmp_path / "out"
     build_shards(root, out, BuildOptions(**TINY))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.data.shards import BuildOptions, build_shards
-from mmscale.data.world import WorldSpec, generate_world
+from mmscale.build.shards import BuildOptions, build_shards
+from mmscale.build.world import WorldSpec, generate_world
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -138,7 +138,7 @@ def test_seen_mask_matches_dense_reference(seed):
 def test_the_test_ranking_drops_the_valid_item(tiny_raw, tiny_preprocess, tmp_path):
     """Leave-one-out: a test target's history ends with the valid item, which is not a training item (seen.npz).
     It is removed from the ranking with every other item the user had before the target."""
-    from mmscale.data.shards import BuildOptions, build_shards
+    from mmscale.build.shards import BuildOptions, build_shards
     from mmscale.data.stream import InteractionStream
 
     shards = tmp_path / "shards"

@@ -60,9 +60,10 @@ def test_frozen_never_updates_the_encoder(world_shards, tmp_path):
     assert changed(first, final, "user_tower.")
     # the encoder still holds its seeded initial weights
     from mmscale.config import load_config
+    from mmscale.data.shard_set import ShardSet
     from mmscale.tasks.two_tower import RecommendationTask
 
     torch.manual_seed(0)
     config = load_config(REPO / "configs/demo.yaml", [f"data.shards={world_shards}", "encoder.paradigm=frozen", "objectives.weights.itc=0"])
-    fresh = RecommendationTask(config, 60, 80).state_dict()
+    fresh = RecommendationTask(config, ShardSet.planned(60, 80)).state_dict()
     assert all(torch.equal(fresh[k], final[k]) for k in final if k.startswith("encoder."))

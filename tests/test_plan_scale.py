@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmscale.config import load_config
 from mmscale.engine.scale_plan import Hardware, ModelProfile, gradient_communication_bytes, model_state_bytes, plan, profile_model
+from mmscale.data.shard_set import ShardSet
 from mmscale.tasks.two_tower import RecommendationTask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_meta_device_counts_equal_a_real_cpu_run():
     config = load_config(None, [f"encoder.model={TINY_CLIP}"])
     profile = profile_model(config, num_users=50, num_items=70, precision="fp32")
     torch.manual_seed(0)
-    real = RecommendationTask(config, 50, 70).train()
+    real = RecommendationTask(config, ShardSet.planned(50, 70)).train()
     assert profile.parameters == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert profile.encoder_parameters == sum(p.numel() for p in real.encoder.parameters())
     with sdpa_kernel(SDPBackend.MATH):

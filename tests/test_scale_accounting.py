@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mmscale.data.format import split_size
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.build.shards import BuildOptions, build_shards
 from mmscale.data.stream import InteractionStream
-from mmscale.data.world import WorldSpec, generate_world
+from mmscale.build.world import WorldSpec, generate_world
 
 RANKS, WORKERS, BATCH = 512, 4, 4
 

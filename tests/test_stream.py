@@ -17,7 +17,7 @@ from PIL import Image
 
 from mmscale.data.format import load_manifest
 from mmscale.data.item_store import ItemStore
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.build.shards import BuildOptions, build_shards
 from mmscale.data.stream import PAD, InteractionStream, make_loader, worker_batch_counts
 
 TRAIN_SHARDS = 7  # uneven against 2 ranks x 2 workers

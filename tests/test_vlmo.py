@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,18 @@ from mmscale.models.vlmo import (
     build_wordpiece_tokenizer,
     text_attention_mask,
 )
+from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
 ITEMS = REPO.parent / "shared" / "data" / "ml100k-mm" / "items.jsonl"
 VOCAB = 64  # tiny models that do not need a tokenizer
 
 
 def converter():
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    import convert_vlmo_checkpoint
+    """The conversion library; its command line is tools/convert_vlmo_checkpoint.py."""
+    from mmscale.models import vlmo_release
 
-    return convert_vlmo_checkpoint
+    return vlmo_release
 
 
 def tiny(**overrides) -> VLMoConfig:
@@ -406,8 +404,12 @@ def test_conversion_refusals_name_keys_and_shapes():
             conv.release_to_mmscale(state, config)
 
 
+def conversion_cli(argv: list[str]) -> int:
+    """tools/convert_vlmo_checkpoint.py's command line, run in this process."""
+    return load_program("tools/convert_vlmo_checkpoint.py").main(argv)
+
+
 def test_conversion_command_line(tmp_path, capsys):
-    conv = converter()
     config = tiny()
     (tmp_path / "tiny.json").write_text(json.dumps(config.to_dict()))
     src = tmp_path / "release.pt"
@@ -417,9 +419,9 @@ def test_conversion_command_line(tmp_path, capsys):
         del state[key]
     torch.save(wrapped(state), src)
     out = tmp_path / "vlmo.safetensors"
-    assert conv.main(["import", str(src), str(out), "--config", str(tmp_path / "tiny.json")]) == 2
+    assert conversion_cli(["import", str(src), str(out), "--config", str(tmp_path / "tiny.json")]) == 2
     assert "missing keys" in capsys.readouterr().err
-    assert conv.main(["import", str(src), str(out), "--config", str(tmp_path / "tiny.json"), "--init-missing-heads"]) == 0
+    assert conversion_cli(["import", str(src), str(out), "--config", str(tmp_path / "tiny.json"), "--init-missing-heads"]) == 0
     assert "itm_score.fc.weight: not in the checkpoint" in capsys.readouterr().out
     from safetensors.torch import load_file
 
@@ -427,7 +429,7 @@ def test_conversion_command_line(tmp_path, capsys):
     model.load_state_dict(load_file(str(out)), strict=True)
     assert torch.equal(model.transformer.cls_token, state["transformer.cls_token"])
     exported = tmp_path / "back.pt"
-    assert conv.main(["export", str(out), str(exported), "--config", str(tmp_path / "tiny.json")]) == 0
+    assert conversion_cli(["export", str(out), str(exported), "--config", str(tmp_path / "tiny.json")]) == 0
     back = torch.load(exported, weights_only=True)["state_dict"]
     assert all(torch.equal(back[k], v) for k, v in state.items())
     assert back["logit_vl_scale"].dim() == 0

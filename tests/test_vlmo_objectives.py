@@ -178,9 +178,9 @@ def test_fusion_item_representation_learns(encoder, batch):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("objectives.weights.itm=1.0", "needs encoder.kind=vlmo"),
-    ("objectives.weights.mlm=0.5", "needs encoder.kind=vlmo"),
-    ("encoder.item_representation=fusion", "fusion needs encoder.kind=vlmo"),
+    ("objectives.weights.itm=1.0", "needs an encoder with the 'fusion' capability \\(encoder.kind=vlmo\\)"),
+    ("objectives.weights.mlm=0.5", "needs an encoder with the 'fusion' capability \\(encoder.kind=vlmo\\)"),
+    ("encoder.item_representation=fusion", "fusion needs an encoder with the 'fusion' capability"),
     ("encoder.item_representation=joint", "is not one of"),
 ])
 def test_config_refuses_fusion_settings_without_vlmo(override, message):

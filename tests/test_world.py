@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmscale.data.world import COLOURS, WorldSpec, generate_world
+from mmscale.build.world import COLOURS, WorldSpec, generate_world
 
 TINY = WorldSpec(num_users=30, num_items=60, min_interactions_per_user=5, max_interactions_per_user=20, image_size=32)
 # Big enough for hit rates to be stable, small enough to generate in well under a second.
@@ -175,7 +175,7 @@ def test_grouped_picks_follow_the_per_item_distribution():
     """Picks are drawn by attribute group, then item; exactly, that is the per-item law: a user's k-th pick
     is item i with probability exp(strength x score) x popularity over the unseen items. Checked on the
     second pick (which must skip the first) of many users who share the same tastes."""
-    from mmscale.data import world
+    from mmscale.build import world
 
     spec = WorldSpec(num_users=40_000, num_items=12, min_interactions_per_user=2, max_interactions_per_user=2,
                      sequential_fraction=0.0, noise_fraction=0.0)

@@ -27,8 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, TRAIN_SCRIPT, Run, Throughput, after_warmup, logged_windows, rank_env, run_logged, throughput_header, throughput_row  # noqa: E402
+from mmscale.bench import REPO, TRAIN_SCRIPT, Run, Throughput, after_warmup, logged_windows, rank_env, run_logged, throughput_header, throughput_row
 
 CLIP_TINY = REPO / "configs/models/clip-tiny.json"
 FINETUNE_ON_ENCODER = {"sequence.features": "encoder", "encoder.model": CLIP_TINY, "sequence.pretrained": "null"}

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmscale.data.raw import BadInputError, RawFormat
-from mmscale.data.shards import BuildError, BuildOptions, build_shards
+from mmscale.build.raw import BadInputError, RawFormat
+from mmscale.build.shards import BuildError, BuildOptions, build_shards
 from mmscale.data.format import ShardFormatError
 
 

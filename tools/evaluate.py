@@ -22,43 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool is the checkpoint library
-
-from consolidate_checkpoint import SINGLE_PROCESS, USER_ERRORS, load_task  # noqa: E402
-
-import torch  # noqa: E402
-
-from mmscale.config import ConfigError  # noqa: E402
-from mmscale.data.format import SPLITS  # noqa: E402
-from mmscale.eval.evaluate import evaluate  # noqa: E402
-from mmscale.models import build_preprocess  # noqa: E402
-
-
-def evaluate_checkpoint(source: str | Path, splits: list[str] | None = None, exclude_seen: bool | None = None,
-                        overrides: list[str] = (), device: str | None = None, num_workers: int | None = None) -> dict:
-    """Rebuilds the task of `source` and evaluates it; returns the printed record."""
-    overrides = list(overrides)
-    if splits is not None:
-        unknown = [s for s in splits if s not in SPLITS]
-        if unknown:
-            raise ConfigError(f"--splits: unknown split(s) {unknown} (known: {list(SPLITS)})")
-        overrides.append(f"eval.splits={json.dumps(splits)}")
-    if exclude_seen is not None:
-        overrides.append(f"eval.exclude_seen={'true' if exclude_seen else 'false'}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = load_task(source, overrides, device, num_workers)
-    config, task = loaded.config, loaded.task
-    print(f"evaluating splits {list(config.eval.splits)} on {device} (exclude_seen={config.eval.exclude_seen})", file=sys.stderr, flush=True)
-    results = evaluate(task, loaded.shard_dir, config.eval, build_preprocess(config.encoder), SINGLE_PROCESS, device, loaded.num_workers)
-    missing = [s for s in config.eval.splits if s not in results]
-    if missing:
-        print(f"note: no samples for split(s) {missing} in {loaded.shard_dir}", file=sys.stderr)
-    return {
-        "checkpoint": str(loaded.ref.path), "tag": loaded.ref.tag, "step": loaded.step,
-        "exclude_seen": config.eval.exclude_seen, "device": str(device), "eval": results,
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the heavy imports: --help is instant
+    from mmscale.engine.restore import USER_ERRORS, evaluate_checkpoint
+
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits is not None else None
     try:
         record = evaluate_checkpoint(args.source, splits, args.exclude_seen, args.overrides, args.device, args.num_workers)

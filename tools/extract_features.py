@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Compute frozen MP4SR item features (MiniLM sentence vectors, EfficientNet-Lite0 image tokens)
-and store them in SHARD_DIR/features/ (what is stored: mmscale/data/features.py).
+and store them in SHARD_DIR/features/ (what is stored: mmscale/build/features.py; the file format: mmscale/data/features.py).
 
     python tools/extract_features.py SHARD_DIR [--text] [--image] [--batch-size 64] [--workers 2]
                                      [--max-sentences 8] [--limit N] [--quiet]
@@ -21,25 +21,18 @@ import time
 
 import numpy as np
 
-from mmscale.data.features import (
+from mmscale.build.features import (
     DEFAULT_MAX_SENTENCES,
-    IMAGE_FEATURES,
-    TEXT_FEATURES,
-    EffNetEncoder,
-    MiniLMEncoder,
-    MissingWeightsError,
-    effnet_weights,
     extract_image_features,
     extract_text_features,
-    feature_paths,
     image_meta,
     item_indices,
-    minilm_zip,
-    save_features,
     text_meta,
 )
-from mmscale.data.format import ShardFormatError, load_manifest
-from mmscale.data.item_store import ItemStore
+from mmscale.data.features import IMAGE_FEATURES, TEXT_FEATURES, feature_paths, save_features
+from mmscale.data.format import ShardFormatError
+from mmscale.data.shard_set import ShardSet
+from mmscale.models.pretrained import EffNetEncoder, MiniLMEncoder, MissingWeightsError, effnet_weights, minilm_zip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +67,7 @@ def _report(kind: str, features: dict[str, np.ndarray], seconds: float, count: i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        manifest = load_manifest(args.shard_dir)
+        shards = ShardSet.open(args.shard_dir)
     except ShardFormatError as e:
         print(f"extract_features: error: {e}", file=sys.stderr)
         return 2
@@ -90,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"extract_features: error: {problem}", file=sys.stderr)
         return 2
-    store = ItemStore(args.shard_dir, manifest)
+    store = shards.store
     items = item_indices(store, args.limit)
-    print(f"shard folder {args.shard_dir}: {manifest['num_items']} items"
+    print(f"shard folder {args.shard_dir}: {shards.num_items} items"
           + (f" (--limit {args.limit}: encoding {len(items)}, writing nothing)" if args.limit is not None else ""))
 
     if args.text:
@@ -104,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"text: MiniLM ({encoder.source['package']} {encoder.source['version']}) loaded in {loaded - start:.1f} s")
         _report("text", features, done - loaded, int(features["mask"].sum()), "sentences")
         if args.limit is None:
-            meta = save_features(args.shard_dir, TEXT_FEATURES, features,
+            meta = save_features(shards, TEXT_FEATURES, features,
                                  text_meta(encoder, features, args.max_sentences, args.batch_size))
             print(f"wrote {feature_paths(args.shard_dir, TEXT_FEATURES)[0]} (+ .json; item_ids sha256 {meta['item_ids_sha256'][:12]})")
         del features, encoder
@@ -119,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
               f"loaded in {loaded - start:.1f} s")
         _report("image", features, done - loaded, int(features["mask"].any(1).sum()), "images")
         if args.limit is None:
-            meta = save_features(args.shard_dir, IMAGE_FEATURES, features, image_meta(encoder, features, args.batch_size))
+            meta = save_features(shards, IMAGE_FEATURES, features, image_meta(encoder, features, args.batch_size))
             print(f"wrote {feature_paths(args.shard_dir, IMAGE_FEATURES)[0]} (+ .json; item_ids sha256 {meta['item_ids_sha256'][:12]})")
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mmscale.data.world import WorldSpec, generate_world
+from mmscale.build.world import WorldSpec, generate_world
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, WorldSpec, bool]:

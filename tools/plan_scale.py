@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import bench_train  # beside this script: its training runs and memory watch
-from bench_train import free_port
+from mmscale.bench import JOINT, Throughput, run_mmscale
+from mmscale.engine.distributed import free_port
 from mmscale.config import load_config
+from mmscale.data.shard_set import ShardSet
 from mmscale.engine.scale_plan import FORMULAS, Hardware, ModelProfile, plan, profile_model
 from mmscale.models.vlmo import build_wordpiece_tokenizer
 
@@ -169,23 +170,22 @@ def measure_devices(profile: ModelProfile, model: str, batch: int, ranks: int, r
 
 
 def validate(args) -> None:
-    manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
+    shards = ShardSet.open(args.shards)
     config = load_config(REPO / "configs/demo.yaml", [f"encoder.model={args.model}"])
-    profile = profile_model(config, manifest["num_users"], manifest["num_items"], "fp32", args.model)
+    profile = profile_model(config, shards.num_users, shards.num_items, "fp32", args.model)
     print(describe(profile), flush=True)
     # No loader workers: each rank decodes its own batches in series, as its share of the step (on GPU
     # nodes the loaders run on host cores beside the devices; here they would take the ranks' cores).
-    runs_args = argparse.Namespace(shards=args.shards, workers=0, lr=1e-4)
     work = Path(tempfile.mkdtemp(prefix="plan_scale-"))  # run folders and logs; removed at exit
     atexit.register(shutil.rmtree, work, ignore_errors=True)
 
     def measure(ranks: int, batch: int) -> tuple[float, float]:
         """Median samples/s and the largest rank's RSS during training steps (glibc keeps what is freed:
         the high-water mark of the steps)."""
-        run = bench_train.run_mmscale(runs_args, work, f"r{ranks}-b{batch}", weights=bench_train.JOINT, stage=args.zero_stage,
-                                      ranks=ranks, model=args.model, batch_size=batch, warmup=args.warmup, steps=args.steps,
-                                      window=1, watch_memory=True, threads=1, return_freed_memory=False)
-        return bench_train.Throughput.of([run]).median, max(run.memory.training.values())
+        run = run_mmscale(work, f"r{ranks}-b{batch}", shards=args.shards, workers=0, weights=JOINT, stage=args.zero_stage,
+                          ranks=ranks, model=args.model, batch_size=batch, warmup=args.warmup, steps=args.steps,
+                          window=1, watch_memory=True, threads=1, return_freed_memory=False)
+        return Throughput.of([run]).median, max(run.memory.training.values())
 
     batch, cores = args.micro_batch, os.cpu_count() or 1
     # A CPU rank with one thread stands for one device; what it achieves with others running beside it is

@@ -11,6 +11,7 @@ A shard folder holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,15 @@ IMAGE_KEYS = ("jpg", "png", "webp", "gif", "bmp")
 # uint8 codes for image extensions in the item index; 0 means "no image"
 IMAGE_EXT_CODES = {ext: code for code, ext in enumerate(IMAGE_KEYS, start=1)}
 MANIFEST = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ShardFormatError(ValueError):

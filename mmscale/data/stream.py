@@ -31,8 +31,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .format import IMAGE_KEYS, ShardFormatError, check_unchanged, dataset_identity, load_manifest, shard_paths, split_size
-from .item_store import ItemStore
+from .format import IMAGE_KEYS, ShardFormatError
+from .shard_set import ShardSet
 from .preprocess import ItemPreprocess
 
 PAD = -1  # history padding and "no slot"
@@ -76,7 +76,7 @@ class InteractionStream(IterableDataset):
 
     def __init__(
         self,
-        shard_dir: str | Path,
+        shards: ShardSet | str | Path,
         split: str,
         batch_size: int,
         preprocess: ItemPreprocess,
@@ -89,23 +89,22 @@ class InteractionStream(IterableDataset):
         history_content: bool = True,
         content: bool = True,
     ):
-        self.shard_dir = Path(shard_dir)
-        identity = dataset_identity(self.shard_dir)  # before the manifest is read: a rebuild after it is noticed
-        self.manifest = load_manifest(self.shard_dir)
+        self.shards = ShardSet.of(shards)
+        self.shard_dir = self.shards.path
         self.split, self.batch_size, self.preprocess = split, batch_size, preprocess
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
         self.wants_history_content = history_content
         self.content = content  # False: ids only, nothing decoded (evaluation, cached features)
-        self.urls = shard_paths(self.shard_dir, self.manifest, split)
-        self.max_history = self.manifest["max_history"]
-        self.store = ItemStore(self.shard_dir, self.manifest, identity)
+        self.urls = self.shards.split_urls(split)
+        self.max_history = self.shards.max_history
+        self.store = self.shards.store
         self._shards_since_sample = 0
         self.epoch, self.start_batch = 0, 0
         self._corrupt = 0
         if resampled and self.batches_per_rank() == 0:
             raise ValueError(
-                f"{self.shard_dir}: split '{split}' has {split_size(self.manifest, split)} samples, "
+                f"{self.shard_dir}: split '{split}' has {self.shards.split_size(split)} samples, "
                 f"fewer than one global batch ({world_size} ranks x {batch_size})"
             )
 
@@ -117,11 +116,14 @@ class InteractionStream(IterableDataset):
     # -- epoch accounting ------------------------------------------------------------------
     def batches_per_rank(self) -> int:
         """Resampled mode: whole batches each rank yields per epoch (the same on every rank)."""
-        return split_size(self.manifest, self.split) // (self.world_size * self.batch_size)
+        return self.shards.split_size(self.split) // (self.world_size * self.batch_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Where the next iteration starts: `start_batch` batches of `epoch` are already consumed."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, content: bool | None = None) -> None:
+        """Where the next iteration starts: `start_batch` batches of `epoch` are already consumed; `content`: whether
+        its batches decode images and texts from there on (unchanged when None)."""
         self.epoch, self.start_batch = epoch, start_batch
+        if content is not None:
+            self.content = content
 
     # -- stages -----------------------------------------------------------------------------
     def _rng(self, *parts) -> random.Random:
@@ -133,7 +135,7 @@ class InteractionStream(IterableDataset):
         if self.resampled:
             rng = self._rng("shards", self.rank, worker)
             while True:
-                check_unchanged(self.shard_dir, self.store.identity)
+                self.shards.check_unchanged()
                 self._shards_since_sample += 1
                 if self._shards_since_sample > UNREADABLE_DRAWS_PER_SHARD * len(self.urls):
                     raise ShardFormatError(f"{self.shard_dir}: no readable '{self.split}' sample in the last {self._shards_since_sample} "
@@ -143,7 +145,7 @@ class InteractionStream(IterableDataset):
         self._rng("shards").shuffle(urls)  # the same permutation on every rank
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         for url in urls[slot::slots]:
-            check_unchanged(self.shard_dir, self.store.identity)
+            self.shards.check_unchanged()
             yield {"url": url}
 
     def _count_corrupt(self, exn: Exception) -> bool:

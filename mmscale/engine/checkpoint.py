@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -155,35 +156,86 @@ def safe_loading() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def resolve_resume(resume: str | None, run_dir: Path, log=print) -> tuple[Path, str] | None:
-    """`--resume latest` or a checkpoint folder path -> (checkpoint dir, tag), verified, or None to start fresh.
+def newest_usable(checkpoint_dir: Path, log=print) -> str | None:
+    """The newest complete tag whose files verify; newer tags that are incomplete (an interrupted save) or damaged
+    are skipped, and said so. None when there is no complete tag at all; an error when none of them is readable.
+    A tag holding pickled code is an error, never skipped for an older one."""
+    tags = complete_tags(checkpoint_dir)
+    for skipped in interrupted_tags(checkpoint_dir):
+        log(f"{checkpoint_dir / skipped} is incomplete (no {COMPLETE} marker: its save was interrupted); "
+            f"{'taking ' + tags[-1] if tags else 'no complete checkpoint before it'}")
+    for tag in reversed(tags):
+        try:
+            verify_tag(checkpoint_dir / tag)
+        except DamagedCheckpointError as e:
+            log(f"skipping {checkpoint_dir / tag}: {e}")
+            continue
+        return tag
+    if tags:
+        raise DamagedCheckpointError(f"none of the complete checkpoints in {checkpoint_dir} is readable ({', '.join(tags)})")
+    return None
 
-    `latest` skips (and says so) any newer tag whose save was interrupted or whose files are damaged, and takes
-    the newest complete tag that verifies. A tag holding pickled code is an error, never skipped."""
+
+def resolve_resume(resume: str | None, run_dir: Path, log=print) -> tuple[Path, str] | None:
+    """`--resume latest` (the run's newest usable tag) or a checkpoint folder path -> (checkpoint dir, tag), verified,
+    or None to start fresh."""
     if resume is None:
         return None
     if resume == "latest":
         checkpoint_dir = run_dir / "checkpoints"
-        tags = complete_tags(checkpoint_dir)
-        for skipped in interrupted_tags(checkpoint_dir):
-            log(f"--resume latest: {checkpoint_dir / skipped} is incomplete (no {COMPLETE} marker: its save was "
-                f"interrupted); {'resuming from ' + tags[-1] if tags else 'no complete checkpoint before it'}")
-        for tag in reversed(tags):
-            try:
-                verify_tag(checkpoint_dir / tag)
-            except DamagedCheckpointError as e:
-                log(f"--resume latest: skipping {checkpoint_dir / tag}: {e}")
-                continue
-            return checkpoint_dir, tag
-        if tags:
-            raise DamagedCheckpointError(f"--resume latest: none of the complete checkpoints in {checkpoint_dir} is readable "
-                                         f"({', '.join(tags)}); not starting over on top of them")
-        return None
+        tag = newest_usable(checkpoint_dir, lambda message: log(f"--resume latest: {message}"))
+        return (checkpoint_dir, tag) if tag else None
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} marker)")
     verify_tag(path)
     return path.parent, path.name
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    run_dir: Path  # the run folder (holds config.json); may lack one for a copied tag folder
+    checkpoint_dir: Path  # run_dir/checkpoints
+    tag: str  # stepNNNNNNNN
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint_dir / self.tag
+
+
+def resolve_source(source: str | Path, log=print) -> CheckpointRef:
+    """What the tools take: a run folder or its checkpoints/ folder (the newest usable tag), or one tag folder
+    (which must be complete and verify)."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint tag folder)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder (expected a run folder or a checkpoint tag folder)")
+    if TAG.match(path.name) or any(path.glob("*_model_states.pt")):
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker: its save did not finish on every "
+                                  f"rank); complete tags here: {complete_tags(path.parent) or 'none'}")
+        verify_tag(path)
+        return CheckpointRef(path.parent.parent, path.parent, path.name)
+    if (path / "checkpoints").is_dir():
+        run_dir, checkpoint_dir = path, path / "checkpoints"
+    elif path.name == "checkpoints" or any(TAG.match(p.name) for p in path.iterdir()):
+        run_dir, checkpoint_dir = path.parent, path
+    else:
+        raise CheckpointError(f"{path}: not a run folder (no checkpoints/ folder) nor a checkpoint tag folder")
+    tag = newest_usable(checkpoint_dir, log)
+    if tag is None:
+        incomplete = sorted(p.name for p in checkpoint_dir.iterdir() if TAG.match(p.name))
+        detail = f" (incomplete tags without {COMPLETE}: {', '.join(incomplete)})" if incomplete else ""
+        raise CheckpointError(f"{checkpoint_dir}: no complete checkpoint{detail}")
+    return CheckpointRef(run_dir, checkpoint_dir, tag)
+
+
+def model_states_file(tag_dir: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file (*_model_states.pt)")
 
 
 # -- what a restart needs beyond DeepSpeed's files ---------------------------------------------------------

@@ -175,12 +175,13 @@ def profile_model(config: Config, num_users: int, num_items: int, precision: str
 
     Per-sample figures are the difference between batches of 2 and 1, so nothing that does not grow
     with the batch (weights saved for backward, positional tables) is counted per sample."""
+    from ..data.shard_set import ShardSet
     from ..tasks.two_tower import RecommendationTask
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     with torch.device("meta"):
-        task = RecommendationTask(config, num_users, num_items)
+        task = RecommendationTask(config, ShardSet.planned(num_users, num_items))
     if precision == "bf16":
         task = task.to(torch.bfloat16)
     task.train()

@@ -9,7 +9,6 @@ are accumulated on the device and reduced across ranks every `train.log_every` s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, dump_config
-from ..data.format import MANIFEST, load_manifest
+from ..data.shard_set import ShardSet
 from ..data.stream import Batch, InteractionStream, make_loader
 from ..eval.evaluate import Collectives, encode_catalogue, evaluate
 from ..locks import try_lock
@@ -80,13 +79,11 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self._lock_run_dir()
 
-        manifest = load_manifest(config.data.shards)  # a missing or stale shard folder stops here
-        self.shard_dir = Path(config.data.shards)
-        self.manifest_sha256 = hashlib.sha256((self.shard_dir / MANIFEST).read_bytes()).hexdigest()
+        self.shards = ShardSet.open(config.data.shards)  # a missing, foreign or damaged shard folder stops here
         self._check_shards_match()
         self.preprocess = build_preprocess(config.encoder)
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        task = build_task(config, manifest, self.shard_dir)
+        task = build_task(config, self.shards)
 
         cuda = self.dist.device.type == "cuda"
         self.bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
@@ -96,14 +93,14 @@ class Trainer:
         self.lrs = {"encoder": config.optim.lr_encoder * scale, "recommender": config.optim.lr_recommender * scale}
 
         self.stream = InteractionStream(
-            self.shard_dir, "train", config.data.batch_size, self.preprocess,
+            self.shards, "train", config.data.batch_size, self.preprocess,
             rank=self.dist.rank, world_size=self.dist.world_size, resampled=True,
             shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed,
             history_content=config.data.history_content, content=task.needs_content,
         )
         self.steps_per_epoch = self.stream.batches_per_rank() // config.optim.grad_accum
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"data.batch_size x optim.grad_accum x {self.dist.world_size} ranks exceeds the training split of {self.shard_dir}")
+            raise ConfigError(f"data.batch_size x optim.grad_accum x {self.dist.world_size} ranks exceeds the training split of {self.shards.path}")
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.steps_per_epoch))
 
         self.zero_stage = zero_stage(ds_config)
@@ -128,7 +125,7 @@ class Trainer:
             self.log(f"--resume latest: no complete checkpoint in {self.checkpoint_dir}; starting from scratch")
         if self.content is None and task.content_cache_due(self.step, resumed=True):
             self.cache_content()
-        self._record_run(ds_config, manifest)
+        self._record_run(ds_config)
         self.monitor = Monitor(self.run_dir, self.dist.is_main)
 
     # -- setup --------------------------------------------------------------------------------------
@@ -151,9 +148,9 @@ class Trainer:
             before = json.loads(info.read_text()).get("data", {}).get("manifest_sha256")
         except (ValueError, AttributeError) as e:
             raise ConfigError(f"train.run_dir: {info} is not a run record ({e})") from None
-        if before is not None and before != self.manifest_sha256:
-            raise ConfigError(f"data.shards: {self.shard_dir} is not the dataset run {self.run_dir} was trained on (manifest "
-                              f"sha256 {self.manifest_sha256[:12]}..., the run's {before[:12]}...); train on it in a new train.run_dir")
+        if before is not None and before != self.shards.manifest_sha256:
+            raise ConfigError(f"data.shards: {self.shards.path} is not the dataset run {self.run_dir} was trained on (manifest "
+                              f"sha256 {self.shards.manifest_sha256[:12]}..., the run's {before[:12]}...); train on it in a new train.run_dir")
 
     def _optimizer(self, task, ds_config: dict) -> torch.optim.Optimizer:
         groups = []
@@ -170,7 +167,7 @@ class Trainer:
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
         return torch.optim.AdamW(groups, **kwargs)
 
-    def _record_run(self, ds_config: dict, manifest: dict) -> None:
+    def _record_run(self, ds_config: dict) -> None:
         derived = {
             "world_size": self.dist.world_size,
             "global_batch": self.global_batch,
@@ -186,8 +183,8 @@ class Trainer:
             dump_config(self.config, self.run_dir / "config.json")
             info = {
                 "git_revision": _git_revision(), "derived": derived, "deepspeed": ds_config,
-                "data": {"shards": str(self.shard_dir), "num_users": manifest["num_users"], "num_items": manifest["num_items"],
-                         "manifest_sha256": self.manifest_sha256},
+                "data": {"shards": str(self.shards.path), "num_users": self.shards.num_users, "num_items": self.shards.num_items,
+                         "manifest_sha256": self.shards.manifest_sha256},
             }
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
             self.log(json.dumps({"config": self.config.to_dict(), "git_revision": info["git_revision"], **derived}, indent=2))
@@ -200,8 +197,7 @@ class Trainer:
         When the task stops needing content (fine_tuned's freeze) the loader restarts at the same position, so
         prefetched batches stop decoding images at once rather than at the end of the epoch."""
         while True:
-            self.stream.set_epoch(self.epoch, self.batch_in_epoch)
-            self.stream.content = self.task.needs_content
+            self.stream.set_epoch(self.epoch, self.batch_in_epoch, content=self.task.needs_content)
             for batch in make_loader(self.stream, self.config.data.num_workers, pin_memory=self.dist.device.type == "cuda"):
                 self.batch_in_epoch += 1
                 yield batch
@@ -216,7 +212,7 @@ class Trainer:
         store = self.stream.store
         # Under ZeRO-3 a frozen encoder's partitions are not gathered by the training hooks before
         # the first step; gather them explicitly for this one pass over the catalogue.
-        gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
+        gathered = deepspeed.zero.GatheredParameters(self.task.content_parameters()) if self.zero_stage == 3 else nullcontext()
         with gathered:
             content = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
                                        self.config.eval.batch_size, self.config.data.num_workers)
@@ -392,7 +388,7 @@ class Trainer:
         self.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     def run_evaluation(self) -> dict:
-        results = evaluate(self.task, self.shard_dir, self.config.eval, self.preprocess, self.collectives,
+        results = evaluate(self.task, self.shards, self.config.eval, self.preprocess, self.collectives,
                            self.dist.device, self.config.data.num_workers)
         flat = {f"eval/{split}/{name}": value for split, metrics in results.items() for name, value in metrics.items()}
         self.monitor.log(self.step, flat)

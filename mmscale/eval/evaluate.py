@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..config import EvalConfig
 from ..data.catalogue import catalogue_loader
 from ..data.item_store import ItemStore
 from ..data.preprocess import ItemPreprocess
+from ..data.shard_set import ShardSet
 from ..data.stream import PAD, InteractionStream
 from .metrics import metric_sums, target_ranks
 
@@ -30,8 +30,17 @@ class NonFiniteModelError(ValueError):
 class Collectives:
     rank: int
     world_size: int
-    gather: Callable[[torch.Tensor], torch.Tensor]  # all-gather along dim 0
+    gather: Callable[..., torch.Tensor]  # all-gather along dim 0 (uneven=True: ranks may hold different numbers of rows)
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
+    return x
+
+
+def single_process() -> Collectives:
+    """One process holds every rank's share: the collectives are identities."""
+    return Collectives(0, 1, _identity, _identity)
 
 
 def _share(n: int, coll: Collectives) -> tuple[list[int], int]:
@@ -88,7 +97,7 @@ def _seen_mask(users: torch.Tensor, history: torch.Tensor, indptr: torch.Tensor,
 @torch.no_grad()
 def evaluate(
     task,
-    shard_dir: str | Path,
+    shards: ShardSet | str | Path,
     config: EvalConfig,
     preprocess: ItemPreprocess,
     coll: Collectives,
@@ -97,26 +106,25 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """{split: {"recall@K": ..., "ndcg@K": ..., "samples": n}} over the configured splits."""
     check_finite_parameters(task, coll, device)
+    shards = ShardSet.of(shards)
     was_training = task.training
     task.eval()
-    stream = InteractionStream(shard_dir, "valid", config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
     content = None
     if task.uses_catalogue_content:
-        content = encode_catalogue(task, stream.store, preprocess, coll, device, config.batch_size, num_workers)
+        content = encode_catalogue(task, shards.store, preprocess, coll, device, config.batch_size, num_workers)
     ranking = task.ranking(content)
     table = ranking.items
-    seen = np.load(Path(shard_dir) / "seen.npz")
-    indptr, seen_items = torch.from_numpy(seen["indptr"]).to(device), torch.from_numpy(seen["items"]).to(device)
+    indptr, seen_items = (torch.from_numpy(a).to(device) for a in shards.seen())
 
     warm = torch.ones(1, len(table), dtype=torch.bool, device=device)
-    warm[0, stream.manifest.get("cold_items", [])] = False
+    warm[0, shards.cold_items] = False
 
     results = {}
     for split in config.splits:
-        if split not in stream.manifest["shards"] or not stream.manifest["counts"]["samples"].get(split):
+        if not shards.has_split(split):
             continue
         # Held-out samples are ids only: every rank reads them all and takes an equal share.
-        split_stream = InteractionStream(shard_dir, split, config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
+        split_stream = InteractionStream(shards, split, config.batch_size, preprocess, resampled=False, shuffle_buffer=0, content=False)
         batches = list(split_stream.batches())
         all_users = torch.cat([b.users for b in batches])
         all_targets = torch.cat([b.targets for b in batches])

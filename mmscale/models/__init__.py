@@ -1,33 +1,52 @@
-"""Item encoders (CLIP, VLMo) behind one interface, and the item/user towers."""
+"""Item encoders (CLIP, VLMo) behind one interface and one registry, and the item/user towers.
+
+An encoder is chosen by `encoder.kind`; what it can do beyond the dual-encoder interface is a declared
+capability ("fusion": `models.encoder.FusionEncoder`), which config validation and the tasks ask for instead
+of asking which encoder it is. Importing this package loads no model code (config validation reads the registry).
+"""
 
 from __future__ import annotations
 
-from ..config import ConfigError, EncoderConfig
-from ..data.preprocess import ItemPreprocess
-from .encoder import ItemEncoder
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import EncoderConfig
+    from ..data.preprocess import ItemPreprocess
+    from .encoder import ItemEncoder
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    module: str  # mmscale.models.<module>
+    name: str  # its ItemEncoder class
+    capabilities: frozenset[str]  # beyond the dual-encoder interface
+
+
+ENCODERS: dict[str, EncoderEntry] = {
+    "clip": EncoderEntry("clip", "CLIPEncoder", frozenset()),
+    "vlmo": EncoderEntry("vlmo", "VLMoEncoder", frozenset({"fusion"})),
+}
+
+
+def encoder_can(kind: str, capability: str) -> bool:
+    return kind in ENCODERS and capability in ENCODERS[kind].capabilities
+
+
+def encoder_class(kind: str) -> type[ItemEncoder]:
+    from ..config import ConfigError
+
+    if kind not in ENCODERS:
+        raise ConfigError(f"encoder.kind: unknown encoder {kind!r} (known: {', '.join(ENCODERS)})")
+    entry = ENCODERS[kind]
+    return getattr(importlib.import_module(f"{__name__}.{entry.module}"), entry.name)
 
 
 def build_encoder(config: EncoderConfig) -> ItemEncoder:
-    if config.kind == "clip":
-        from .clip import CLIPEncoder
-
-        return CLIPEncoder(config.model, config.pretrained, config.grad_checkpointing)
-    if config.kind == "vlmo":
-        from .vlmo import VLMoEncoder
-
-        return VLMoEncoder(config.model, config.pretrained, config.grad_checkpointing, tokenizer=config.tokenizer,
-                           item_representation=config.item_representation)
-    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip, vlmo)")
+    return encoder_class(config.kind).from_config(config)
 
 
 def build_preprocess(config: EncoderConfig) -> ItemPreprocess:
     """The transform and tokenizer of an encoder, without building its weights (for data workers)."""
-    if config.kind == "clip":
-        from .clip import clip_preprocess
-
-        return clip_preprocess(config.model)
-    if config.kind == "vlmo":
-        from .vlmo import vlmo_preprocess
-
-        return vlmo_preprocess(config.model, config.tokenizer)
-    raise ConfigError(f"encoder.kind: unknown encoder {config.kind!r} (known: clip, vlmo)")
+    return encoder_class(config.kind).preprocess_for(config)

@@ -10,7 +10,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.preprocess import ItemPreprocess
-from .encoder import ItemEncoder, at_least_1d_parameters
+from .encoder import EncoderExport, ItemEncoder, at_least_1d_parameters
 
 
 def _resolve_model(model: str) -> str:
@@ -42,6 +42,14 @@ def clip_preprocess(model: str) -> ItemPreprocess:
 
 
 class CLIPEncoder(ItemEncoder):
+    @classmethod
+    def from_config(cls, config) -> "CLIPEncoder":
+        return cls(config.model, config.pretrained, config.grad_checkpointing)
+
+    @classmethod
+    def preprocess_for(cls, config) -> ItemPreprocess:
+        return clip_preprocess(config.model)
+
     def __init__(self, model: str, pretrained: str | None = None, grad_checkpointing: bool = False):
         super().__init__()
         self.model_name = model
@@ -71,4 +79,15 @@ class CLIPEncoder(ItemEncoder):
         """Weights in open_clip's own layout (0-dim parameters restored), for export."""
         state = self.clip.state_dict()
         return {k: v.reshape(()) if k in self._was_0d else v for k, v in state.items()}
+
+    def export(self) -> EncoderExport:
+        """open_clip's layout; a model named by an architecture JSON registers under the JSON's stem."""
+        arch = Path(self.model_name)
+        name = arch.stem if arch.suffix == ".json" else self.model_name
+        return EncoderExport(
+            filename="encoder_open_clip.safetensors", state=self.open_clip_state_dict(),
+            what=f"the item encoder as an open_clip state dict: open_clip.create_model('{name}', pretrained=<this file>)",
+            info={"open_clip": {"model_name": name, **({"architecture_file": arch.name} if arch.suffix == ".json" else {})}},
+            files={arch.name: arch} if arch.suffix == ".json" else {},
+        )
 

@@ -1,31 +1,87 @@
-"""The item encoder interface: (images, text tokens) -> (image embeddings, text embeddings).
+"""The item encoder interface: (images, text tokens) -> (image embeddings, text embeddings), and the
+fusion capability some encoders add.
 
-Every encoder (CLIP, VLMo) implements it, so towers, objectives and the engine never
-depend on which one is training.
+Every encoder (CLIP, VLMo) implements ItemEncoder, so towers, objectives and the engine never depend on which
+one is training; what an encoder can do beyond that is a capability it declares (FusionEncoder), registered in
+mmscale.models.ENCODERS.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..data.preprocess import ItemPreprocess
 
+if TYPE_CHECKING:
+    from ..config import EncoderConfig
 
-class ItemEncoder(nn.Module):
+
+@dataclass
+class EncoderExport:
+    """An encoder's weights in the layout of the library users load it with, for consolidation."""
+
+    filename: str  # e.g. encoder_open_clip.safetensors
+    state: dict[str, torch.Tensor]
+    what: str  # how to load it, for consolidated.json
+    info: dict = field(default_factory=dict)  # e.g. the open_clip model name
+    files: dict[str, Path] = field(default_factory=dict)  # name -> a file to copy beside (an architecture JSON)
+
+
+class ItemEncoder(nn.Module, ABC):
     embed_dim: int  # width of each modality embedding
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: EncoderConfig) -> "ItemEncoder":
+        """The encoder `config` describes (weights from config.pretrained, a local file, if given)."""
+
+    @classmethod
+    @abstractmethod
+    def preprocess_for(cls, config: EncoderConfig) -> ItemPreprocess:
+        """Its image transform and tokenizer, without building weights (for data workers)."""
+
+    @abstractmethod
     def preprocess(self) -> ItemPreprocess:
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def logit_scale(self) -> torch.Tensor:
         """Learned log temperature of the image-text contrastive loss, shape [1]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image and text embeddings, [U, embed_dim] each."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def export(self) -> EncoderExport:
+        """The weights in the layout of the library users load this encoder with."""
+
+
+class FusionEncoder(ABC):
+    """The "fusion" capability: image and text read together (VLMo's fusion mode), for fused items, ITM and MLM."""
+
+    @abstractmethod
+    def fused_embedding(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, embed_dim] L2-normalised item vectors from the image and text read together."""
+
+    @abstractmethod
+    def match_logits(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, 2] image-text matching logits (not matched, matched) of row-aligned pairs."""
+
+    @abstractmethod
+    def masked_lm_logits(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, T, vocab] masked-LM logits of text tokens read with their image."""
+
+    special_token_ids: tuple[int, ...]  # never predicted by MLM
+    mask_token_id: int
+    replacement_token_ids: torch.Tensor  # MLM's random replacements: ordinary tokens only
 
 
 def at_least_1d_parameters(module: nn.Module) -> frozenset[str]:

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError
 from ..data.preprocess import ItemPreprocess
-from .encoder import ItemEncoder
+from .encoder import EncoderExport, FusionEncoder, ItemEncoder
 
 PAD_ID = 0
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a trained vocabulary
@@ -850,12 +850,21 @@ def vlmo_preprocess(model: "str | Path | VLMoConfig", tokenizer: str | Path | No
                           image_size=config.image_size)
 
 
-class VLMoEncoder(ItemEncoder):
+class VLMoEncoder(ItemEncoder, FusionEncoder):
     """VLMo behind the item-encoder interface: dual-encoder embeddings (forward) and fused items (fuse).
 
     model: a VLMoConfig, a JSON path or a preset name; tokenizer: a local tokenizer path (else the
     config's); pretrained: a safetensors file in mmscale's VLMo layout (tools/convert_vlmo_checkpoint.py),
     loaded with strict=True."""
+
+    @classmethod
+    def from_config(cls, config) -> "VLMoEncoder":
+        return cls(config.model, config.pretrained, config.grad_checkpointing, tokenizer=config.tokenizer,
+                   item_representation=config.item_representation)
+
+    @classmethod
+    def preprocess_for(cls, config) -> ItemPreprocess:
+        return vlmo_preprocess(config.model, config.tokenizer)
 
     def __init__(self, model: "str | Path | VLMoConfig", pretrained: str | None = None,
                  grad_checkpointing: bool = False, tokenizer: str | Path | None = None, item_representation: str = "dual"):
@@ -940,6 +949,12 @@ class VLMoEncoder(ItemEncoder):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def release_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under the release's names, shapes and dtypes (0-d logit scales), for export."""
-        return to_release_layout(self.model.state_dict())
+    def export(self) -> EncoderExport:
+        """The public release's names, shapes and dtypes (0-d logit scales); the fusion projection is mmscale's own
+        and stays in model.safetensors."""
+        return EncoderExport(
+            filename="encoder_vlmo_release.safetensors", state=to_release_layout(self.model.state_dict()),
+            what="the VLMo encoder under the public release's names, shapes and dtypes; tools/convert_vlmo_checkpoint.py import "
+                 "maps it back into mmscale's layout",
+            info={"vlmo": {"config": self.config.to_dict()}},
+        )

@@ -1,4 +1,4 @@
-"""Sequential recommendation: SASRec (item ids) and MP4SR (multimodal mixup sequence encoder).
+"""Sequential recommendation: SASRec (item ids only) and MP4SR (multimodal mixup sequence encoder).
 
 MP4SR modes:
   pretrain  sequence-to-item and sequence-to-sequence contrastive losses on mixed sequences, no ids
@@ -24,62 +24,106 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Ranking, parameter_groups
 from ..config import Config, ConfigError
+from ..data.shard_set import ShardSet
 from ..data.stream import PAD, Batch
 from ..models import build_encoder
 from ..models.sequence import AttentionPooling, CausalSequenceEncoder, MoEAdaptor, complementary_mixup, random_item_drop
-from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
+from ..objectives import FUSION_LOSSES, VISION_LANGUAGE_LOSSES
 from ..objectives.common import hashed_uniform
 from ..objectives.contrastive import image_text_contrastive_loss
-from .vision_language import FUSION_LOSSES, fusion_losses
+from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
+from .base import Gather, Ranking, Task
+from .vision_language import fusion_losses
 
-MODE_LOSSES = {"sasrec": ("rec",), "pretrain": ("seq_item", "seq_seq"), "finetune": ("rec",),
-               "joint": ("rec", "seq_item", "seq_seq", "itc", *FUSION_LOSSES)}
 
+class NextItemTask(Task):
+    """What SASRec and MP4SR share: a causal sequence encoder over each user's history, item id vectors, the
+    next-item softmax over the catalogue with cold items masked out, and ranking a user by their sequence."""
 
-class SequentialTask(nn.Module):
-    def __init__(self, config: Config, manifest: dict, shard_dir: str | Path):
-        super().__init__()
-        self.config = config
-        seq = config.sequence
-        self.mode = "sasrec" if seq.model == "sasrec" else seq.mode
-        self.loss_weights = {n: w for n, w in config.objectives.weights.items() if n in MODE_LOSSES[self.mode] and w}
+    def __init__(self, config: Config, shards: ShardSet, losses: tuple[str, ...], what: str):
+        super().__init__(config, shards)
+        self.loss_weights = self._weights_of(losses)
         if not self.loss_weights:
-            raise ConfigError(f"objectives.weights: none of {list(MODE_LOSSES[self.mode])} (the losses of {self.mode}) is non-zero")
-        num_items, hidden = manifest["num_items"], seq.hidden
-        self.from_encoder = self.mode != "sasrec" and seq.features == "encoder"
-        self.encoder = build_encoder(config.encoder) if self.from_encoder else None
-        if self.encoder is not None and self.mode != "joint":
-            self.encoder.requires_grad_(False)  # pretrain/finetune read cached encoder features
-        self.register_buffer("content_cache", torch.empty(0), persistent=False)
-        if self.mode != "sasrec":
-            if self.from_encoder:
-                text_dim = image_dim = self.encoder.embed_dim
-            else:
-                text_dim, image_dim = self._load_feature_files(shard_dir)
-            self.text_adaptor = MoEAdaptor(text_dim, hidden, seq.experts, seq.adaptor_dropout)
-            self.image_adaptor = MoEAdaptor(image_dim, hidden, seq.experts, seq.adaptor_dropout)
-        self.item_id = nn.Embedding(num_items, hidden) if self.mode != "pretrain" else None
+            raise ConfigError(f"objectives.weights: none of {list(losses)} (the losses of {what}) is non-zero")
+
+    def _add_sequence_encoder(self, shards: ShardSet, with_ids: bool) -> None:
+        seq = self.config.sequence
+        self.item_id = nn.Embedding(shards.num_items, seq.hidden) if with_ids else None
         if self.item_id is not None:
             nn.init.normal_(self.item_id.weight, std=0.02)
         # Cold-start items never appear in training: they have no id vector, are scored by content alone, and are
         # never negatives of the next-item loss (they could never be its positive; only evaluation ranks them).
-        cold = torch.zeros(num_items, dtype=torch.bool)
-        cold[manifest.get("cold_items", [])] = True
+        cold = torch.zeros(shards.num_items, dtype=torch.bool)
+        cold[shards.cold_items] = True
         self.register_buffer("cold", cold, persistent=False)
-        self.sequence = CausalSequenceEncoder(hidden, seq.layers, seq.heads, seq.dropout, manifest["max_history"])
-        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
+        self.sequence = CausalSequenceEncoder(seq.hidden, seq.layers, seq.heads, seq.dropout, shards.max_history)
+
+    def _with_ids(self, table: torch.Tensor) -> torch.Tensor:
+        return table if self.item_id is None else table + self.item_id.weight * (~self.cold).unsqueeze(-1).to(table.dtype)
+
+    def _encode(self, inputs: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.sequence(inputs, history != PAD), dim=-1)
+
+    def _next_item_logits(self, text_seq, image_seq, text_items, image_items) -> torch.Tensor:
+        """Each modality's sequence against that modality's item table, summed; cold items masked out (training)."""
+        logits = text_seq @ F.normalize(text_items, dim=-1).T
+        if image_seq is not None:
+            logits = logits + image_seq @ F.normalize(image_items, dim=-1).T
+        return (logits / self.config.sequence.temperature).masked_fill(self.cold, torch.finfo(logits.dtype).min)
+
+    def _user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The sequence representation over `items` (id vectors included); a user with no history gets zeros (no
+        all-padding row reaches the sequence encoder): every item ties, so the target counts as missed."""
+        has_history = (history != PAD).any(1, keepdim=True)
+        return self._encode(items[history.clamp(min=0)], torch.where(has_history, history, 0)) * has_history
+
+
+class SASRecTask(NextItemTask):
+    """SASRec: item id vectors through the causal sequence encoder, next-item cross-entropy over all items."""
+
+    def __init__(self, config: Config, shards: ShardSet):
+        super().__init__(config, shards, ("rec",), "sasrec")
+        self.encoder = None
+        self._add_sequence_encoder(shards, with_ids=True)
+
+    def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
+        self.count_forward()
+        seq = self._encode(self.item_id(batch.history.clamp(min=0)), batch.history)
+        return {"rec": F.cross_entropy(self._next_item_logits(gather(seq), None, self.item_id.weight, None), gather(batch.targets))}
+
+    @torch.no_grad()
+    def ranking(self, content=None) -> Ranking:
+        return Ranking(F.normalize(self.item_id.weight, dim=-1), lambda users, history: self._user_vectors(history, self.item_id.weight))
+
+
+class MP4SRTask(NextItemTask):
+    MODE_LOSSES = {"pretrain": ("seq_item", "seq_seq"), "finetune": ("rec",), "joint": ("rec", "seq_item", "seq_seq", *VISION_LANGUAGE_LOSSES)}
+
+    def __init__(self, config: Config, shards: ShardSet):
+        seq = config.sequence
+        super().__init__(config, shards, self.MODE_LOSSES[seq.mode], seq.mode)
+        self.trains_encoder = seq.mode == "joint"  # else the encoder, if any, is frozen and cached (validated)
+        self.from_encoder = seq.features == "encoder"
+        self.encoder = build_encoder(config.encoder) if self.from_encoder else None
+        if self.encoder is not None:
+            self.encoder.requires_grad_(self.trains_encoder)
+            text_dim = image_dim = self.encoder.embed_dim
+        else:
+            text_dim, image_dim = self._load_feature_files(shards)
+        self.text_adaptor = MoEAdaptor(text_dim, seq.hidden, seq.experts, seq.adaptor_dropout)
+        self.image_adaptor = MoEAdaptor(image_dim, seq.hidden, seq.experts, seq.adaptor_dropout)
+        self._add_sequence_encoder(shards, with_ids=seq.mode != "pretrain")
         if seq.pretrained:
             self._load_pretrained(seq.pretrained)
 
-    def _load_feature_files(self, shard_dir) -> tuple[int, int]:
+    def _load_feature_files(self, shards: ShardSet) -> tuple[int, int]:
         from ..data.features import FeatureFileError, load_features
 
         dims = []
         for modality, name in (("text", self.config.sequence.text_features), ("image", self.config.sequence.image_features)):
             try:
-                tensors, _ = load_features(shard_dir, name)
+                tensors, _ = load_features(shards, name)
             except FeatureFileError as e:
                 raise ConfigError(f"sequence.{modality}_features: {e}") from e
             vectors = torch.from_numpy(tensors["vectors"]).float()
@@ -101,10 +145,10 @@ class SequentialTask(nn.Module):
         if missing or unexpected:
             raise ConfigError(f"sequence.pretrained: {path} does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
-    # -- the engine's view (see mmscale/tasks/__init__.py) ------------------------------------------------
+    # -- the catalogue's content ----------------------------------------------------------------------------
     @property
     def needs_content(self) -> bool:
-        return self.mode == "joint"
+        return self.trains_encoder
 
     @property
     def uses_catalogue_content(self) -> bool:
@@ -113,18 +157,12 @@ class SequentialTask(nn.Module):
     def content_cache_due(self, step: int, resumed: bool = False) -> bool:
         if not self.from_encoder:
             return False
-        if self.mode == "joint":  # refresh: the cache is never more than cache_refresh_steps old
+        if self.trains_encoder:  # refresh: the cache is never more than cache_refresh_steps old
             return resumed or step % self.config.sequence.cache_refresh_steps == 0
         return step == 0 or resumed
 
     def set_content_cache(self, image: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> None:
         self.content_cache = self._content_features(image, text, has_image)
-
-    def training_windows(self) -> dict[str, tuple[int, int | None]]:
-        return {"encoder": (0, None), "recommender": (0, None)}
-
-    def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(images, text_tokens)
 
     # -- item features ---------------------------------------------------------------------------------
     @staticmethod
@@ -140,7 +178,7 @@ class SequentialTask(nn.Module):
         d = self.encoder.embed_dim
         return content[:, :d], content[:, d:]
 
-    def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather) -> torch.Tensor:
+    def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather: Gather) -> torch.Tensor:
         """The cache with the global batch's items replaced by their fresh, with-gradient content [U, 2E].
 
         Every rank holds every rank's fresh items (an uneven all-gather with gradient), so each rank's loss
@@ -155,33 +193,15 @@ class SequentialTask(nn.Module):
         table = torch.cat([self.content_cache, self.content_cache.new_zeros(1, self.content_cache.shape[1])])
         return table.index_put((target,), rows.to(table.dtype))[:n]
 
-    def _with_ids(self, table: torch.Tensor) -> torch.Tensor:
-        return table if self.item_id is None else table + self.item_id.weight * (~self.cold).unsqueeze(-1).to(table.dtype)
-
-    def _encode(self, inputs: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.sequence(inputs, history != PAD), dim=-1)
-
-    def _next_item_logits(self, text_seq, image_seq, text_items, image_items) -> torch.Tensor:
-        """Each modality's sequence against that modality's item table, summed; cold items masked out (training)."""
-        logits = text_seq @ F.normalize(text_items, dim=-1).T
-        if image_seq is not None:
-            logits = logits + image_seq @ F.normalize(image_items, dim=-1).T
-        return (logits / self.config.sequence.temperature).masked_fill(self.cold, torch.finfo(logits.dtype).min)
-
     # -- training ----------------------------------------------------------------------------------------
-    def forward(self, batch: Batch, gather) -> dict[str, torch.Tensor]:
-        if self.training:
-            self.draws += 1
+    def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
+        self.count_forward()
         history, index = batch.history, batch.history.clamp(min=0)
         all_targets = gather(batch.targets)
         tau = self.config.sequence.temperature
         losses = {}
-        if self.mode == "sasrec":
-            seq = self._encode(self.item_id(index), history)
-            losses["rec"] = F.cross_entropy(self._next_item_logits(gather(seq), None, self.item_id.weight, None), all_targets)
-            return losses
         content = self.content_cache
-        if self.mode == "joint":  # the encoder runs once: its outputs feed the item table and the vision-language losses
+        if self.trains_encoder:  # the encoder runs once: its outputs feed the item table and the vision-language losses
             image_emb, text_emb = self.encode_content(batch.images, batch.text_tokens)
             content = self._with_fresh(self._content_features(image_emb, text_emb, batch.has_image), batch, gather)
         text, image = self._raw_features(content)
@@ -230,18 +250,7 @@ class SequentialTask(nn.Module):
         """Items: [N, 2H], each modality's item vectors side by side (ids added), normalised per modality; users:
         the text-led and image-led sequence representations, so user . item sums the modalities. Computed from
         `content` (a catalogue encoding), never from or into the training cache."""
-        if self.mode == "sasrec":
-            return Ranking(F.normalize(self.item_id.weight, dim=-1), lambda users, history: self._user_vectors(history, self.item_id.weight))
         text, image = self._raw_features(self._content_features(*content) if content is not None else None)
         text, image = self._with_ids(self.text_adaptor(text)), self._with_ids(self.image_adaptor(image))
         items = torch.cat([F.normalize(text, dim=-1), F.normalize(image, dim=-1)], dim=-1)
         return Ranking(items, lambda users, history: torch.cat([self._user_vectors(history, text), self._user_vectors(history, image)], dim=-1))
-
-    def _user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """The sequence representation over `items` (id vectors included); a user with no history gets zeros (no
-        all-padding row reaches the sequence encoder): every item ties, so the target counts as missed."""
-        has_history = (history != PAD).any(1, keepdim=True)
-        return self._encode(items[history.clamp(min=0)], torch.where(has_history, history, 0)) * has_history
-
-    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        return parameter_groups(self)

@@ -1,51 +1,42 @@
-"""Two-tower recommendation: item encoder + item/user towers + recommender and image-text losses.
+"""Two-tower recommendation: item encoder + item/user towers + recommender and vision-language losses.
 
-`gather` is the engine's all-gather with gradient (identity on one process): losses are
-computed over the gathered global batch, so they equal a single process's on the same
-global batch. The methods the engine and evaluation use are described in mmscale/tasks/__init__.py.
+Losses are computed over the gathered global batch, so they equal a single process's on the same global batch.
+The members the engine and evaluation use are the `Task` contract (mmscale/tasks/base.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch import nn
 
-from . import Ranking, parameter_groups
 from ..config import Config
+from ..data.shard_set import ShardSet
 from ..data.stream import PAD, Batch
 from ..models import build_encoder
 from ..models.towers import ItemTower, UserTower
+from ..objectives import FUSION_LOSSES, VISION_LANGUAGE_LOSSES
 from ..objectives.contrastive import image_text_contrastive_loss
 from ..objectives.recommender import bpr_loss, sampled_softmax_loss
-from .vision_language import FUSION_LOSSES, VISION_LANGUAGE, fusion_losses
+from .base import Gather, Ranking, Task
+from .vision_language import fusion_losses
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
 
+class RecommendationTask(Task):
+    uses_catalogue_content = True  # the item table is built from every item's encoded content
 
-class RecommendationTask(nn.Module):
-    def __init__(self, config: Config, num_users: int, num_items: int):
-        super().__init__()
-        self.config = config
+    def __init__(self, config: Config, shards: ShardSet):
+        super().__init__(config, shards)
         rec = config.recommender
         self.encoder = build_encoder(config.encoder)
-        self.item_tower = ItemTower(self.encoder.embed_dim, rec.embed_dim, num_items, rec.item_id_embedding)
-        self.user_tower = UserTower(num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
+        self.item_tower = ItemTower(self.encoder.embed_dim, rec.embed_dim, shards.num_items, rec.item_id_embedding)
+        self.user_tower = UserTower(shards.num_users, rec.embed_dim, rec.user_id_embedding, rec.history_pooling == "mean")
         self.history_content = config.data.history_content
         self.fusion_items = config.encoder.item_representation == "fusion"
         # fine_tuned: the configured vision-language losses alone until the engine caches the content (the freeze).
-        weights = self._configured_weights()
-        self.loss_weights = {n: w for n, w in weights.items() if n in VISION_LANGUAGE} if config.encoder.paradigm == "fine_tuned" else weights
+        adapting = config.encoder.paradigm == "fine_tuned"
+        self.loss_weights = self._weights_of(VISION_LANGUAGE_LOSSES if adapting else ("rec", *VISION_LANGUAGE_LOSSES))
         self.frozen = False
-        # Cached (image, text, has_image) of every item once the encoder is frozen, filled by the engine.
-        self.register_buffer("content_cache", torch.empty(0), persistent=False)
         if config.encoder.paradigm == "frozen":
             self.encoder.requires_grad_(False)
-        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
-
-    def _configured_weights(self) -> dict[str, float]:
-        return {name: w for name, w in self.config.objectives.weights.items() if w != 0 and name in ("rec", *VISION_LANGUAGE)}
 
     @property
     def freeze_at_step(self) -> int | None:
@@ -55,9 +46,7 @@ class RecommendationTask(nn.Module):
     @property
     def needs_content(self) -> bool:
         """Whether training batches must carry decoded images and tokens."""
-        return self.freeze_at_step != 0
-
-    uses_catalogue_content = True  # the item table is built from every item's encoded content
+        return not self.frozen and self.freeze_at_step != 0
 
     def content_cache_due(self, step: int, resumed: bool = False) -> bool:
         """Whether the engine should encode the catalogue and call set_content_cache now."""
@@ -65,7 +54,6 @@ class RecommendationTask(nn.Module):
         return freeze is not None and (step == freeze or (resumed and step >= freeze))
 
     def training_windows(self) -> dict[str, tuple[int, int | None]]:
-        """[start, stop) steps in which each part (parameter-group prefix) learns; None: to the end."""
         freeze = self.freeze_at_step
         recommender_start = freeze if self.config.encoder.paradigm == "fine_tuned" else 0
         return {"encoder": (0, freeze), "recommender": (recommender_start, None)}
@@ -78,7 +66,7 @@ class RecommendationTask(nn.Module):
         """Freezes the encoder: from now on items are this cached content; the encoder's own losses stop."""
         self.content_cache = torch.cat([image, text, has_image.unsqueeze(-1).to(image.dtype)], dim=-1)
         self.frozen = True
-        self.loss_weights = {name: w for name, w in self._configured_weights().items() if name not in VISION_LANGUAGE}
+        self.loss_weights = self._weights_of(("rec",))
 
     # -- content ----------------------------------------------------------------------------------
     def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +118,7 @@ class RecommendationTask(nn.Module):
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
-        if self.training:
-            self.draws += 1
+        self.count_forward()
         image, text, has_image = self.batch_content(batch)
         targets, all_ids = batch.target_slots, gather(batch.targets)
         losses = {}
@@ -148,7 +135,7 @@ class RecommendationTask(nn.Module):
                 losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature)
             else:
                 losses["rec"] = bpr_loss(all_users, all_items, all_ids)
-        if self.fusion_items and not self.frozen and any(n in self.loss_weights for n in VISION_LANGUAGE):
+        if self.fusion_items and not self.frozen and any(n in self.loss_weights for n in VISION_LANGUAGE_LOSSES):
             image, text = self.encoder(batch.images, batch.text_tokens)  # the contrastive losses compare the modalities
         if "itc" in self.loss_weights:
             losses["itc"] = image_text_contrastive_loss(
@@ -159,6 +146,3 @@ class RecommendationTask(nn.Module):
             losses.update(fusion_losses(self.encoder, fusion, batch.images[targets], batch.text_tokens[targets], image[targets],
                                         text[targets], batch.targets, has_image[targets], gather, self.draws))
         return losses
-
-    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        return parameter_groups(self)

@@ -15,8 +15,6 @@ import torch
 from ..objectives.common import hashed_uniform
 from ..objectives.matching import mask_tokens, masked_lm_sums, matching_loss, sample_hard_negatives
 
-FUSION_LOSSES = ("itm", "mlm")
-VISION_LANGUAGE = ("itc", *FUSION_LOSSES)  # the encoder's own losses (fine_tuned adapts with these)
 
 
 def _global_mean(sums: torch.Tensor, gather: Callable) -> torch.Tensor:

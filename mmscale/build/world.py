@@ -2,7 +2,7 @@
 
 Real data cannot ship with the project, so the demo runs on a world generated here, written
 in the same raw layout as the real datasets (interactions.csv, items.jsonl, images/ID.jpg;
-see mmscale/data/raw.py). Its structure is known and learnable from content alone:
+see mmscale/build/raw.py). Its structure is known and learnable from content alone:
 
 * every item is a picture of a coloured shape on a patterned background; its title and
   description name the same attributes the picture shows, so image and text agree;
@@ -395,7 +395,7 @@ def _ground_truth(spec: WorldSpec, items: _Items, users: _Users) -> dict:
 def _readme(spec: WorldSpec, summary: dict) -> str:
     return f"""# Generated multimodal recommendation world
 
-Written by `mmscale.data.world.generate_world` (seed {spec.seed}); regenerate it rather than edit it.
+Written by `mmscale.build.world.generate_world` (seed {spec.seed}); regenerate it rather than edit it.
 Same layout as the real datasets: `interactions.csv`, `items.jsonl`, `images/ITEM.jpg`.
 
 | file | what |

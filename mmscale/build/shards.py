@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..locks import try_lock
-from .format import FORMAT_VERSION, IMAGE_EXT_CODES, MANIFEST, ShardFormatError
+from ..data.format import FORMAT_VERSION, IMAGE_EXT_CODES, MANIFEST, ShardFormatError
 from .raw import BadInputError, Ledger, RawFormat, RawInteraction, RawItem, load_image_bytes, read_interactions, read_items
 
 
