@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from mmscale.config import ConfigError, load_config
 from mmscale.engine.checkpoint import CheckpointError, SaveError
 from mmscale.data.format import ShardFormatError
+from mmscale.models.pretrained import MissingWeightsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmscale.eval.evaluate import NonFiniteModelError
 
         trainer = Trainer(config, resume=args.resume)
-    except (ConfigError, ShardFormatError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, ShardFormatError, CheckpointError, FileNotFoundError, MissingWeightsError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     try:

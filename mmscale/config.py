@@ -39,6 +39,11 @@ class EncoderConfig:
     tokenizer: str | None = None  # vlmo: a local tokenizer.json / vocab.txt / folder (else the VLMo JSON's)
     pretrained: str | None = None  # local checkpoint path; nothing is downloaded
     grad_checkpointing: bool = False
+    # Train only the top k groups of each tower (clip: open_clip's lock_image_tower / lock_text_tower groups); the
+    # projections and logit scale always train. Unset: every parameter trains.
+    trainable_blocks: int | None = None
+    image_size: int | None = None  # clip: the image side in pixels (unset: the architecture's)
+    context_length: int | None = None  # clip: text tokens per item (unset: the architecture's)
     # end_to_end: recommender gradients flow into the encoder; frozen: every item encoded once and
     # cached; fine_tuned: the encoder first adapts with its vision-language losses alone (itc, itm, mlm as
     # weighted) for adapt_steps (on the training stream's items), then is frozen and cached for the
@@ -121,6 +126,11 @@ class TrainConfig:
     # A non-finite (NaN, inf) loss: "stop" before that step's update, keeping the last checkpoint (exit 5); "skip"
     # drops the batch without an update and counts it (10 in a row stop the run all the same).
     on_nonfinite_loss: str = "stop"
+    # Early stopping and the best checkpoint: each evaluation's SPLIT/METRIC named here (e.g. valid/ndcg@10) is
+    # compared with the best so far; a better one is saved as a checkpoint that pruning keeps and is described in
+    # RUN/best.json; after `patience` evaluations in a row without a better one the run stops (0: never early).
+    best_metric: str = ""
+    patience: int = 0
 
 
 @dataclass
@@ -294,6 +304,24 @@ def _able(capability: str) -> str:
     return " or ".join(f"encoder.kind={kind}" for kind, entry in ENCODERS.items() if capability in entry.capabilities)
 
 
+def _validate_best_metric(config: Config) -> None:
+    train = config.train
+    if not train.best_metric:
+        if train.patience:
+            raise ConfigError("train.patience: early stopping needs train.best_metric (e.g. valid/ndcg@10)")
+        return
+    split, _, metric = train.best_metric.partition("/")
+    name, _, k = metric.partition("@")
+    if split not in config.eval.splits or name not in ("ndcg", "recall") or not k.isdigit() or int(k) not in config.eval.ks:
+        raise ConfigError(f"train.best_metric: {train.best_metric!r} is not SPLIT/ndcg@K or SPLIT/recall@K with SPLIT in "
+                          f"eval.splits {list(config.eval.splits)} and K in eval.ks {list(config.eval.ks)}")
+    if split == "test":
+        raise ConfigError("train.best_metric: choosing a checkpoint on the test split reports an optimistic test figure; "
+                          "use valid")
+    if train.patience and not train.eval_every:
+        raise ConfigError("train.patience: early stopping needs periodic evaluations (train.eval_every > 0)")
+
+
 def validate(config: Config) -> None:
     """Checks that each value is allowed, naming the key; fills encoder.paradigm from the task when unset."""
     choices = {
@@ -341,6 +369,9 @@ def validate(config: Config) -> None:
         "train.max_steps": config.train.max_steps,
         "train.eval_every": config.train.eval_every,
         "train.save_every": config.train.save_every,
+        "train.patience": config.train.patience,
+        **{f"encoder.{key}": getattr(config.encoder, key) for key in ("trainable_blocks", "image_size", "context_length")
+           if getattr(config.encoder, key) is not None},
         "encoder.adapt_steps": config.encoder.adapt_steps,
         "data.num_workers": config.data.num_workers,
         "data.shuffle_buffer": config.data.shuffle_buffer,
@@ -377,6 +408,11 @@ def validate(config: Config) -> None:
         if weight and needs and not encoder_can(config.encoder.kind, needs):
             raise ConfigError(f"objectives.weights.{name}: needs an encoder with the {needs!r} capability "
                               f"({_able(needs)}), not encoder.kind={config.encoder.kind!r}")
+    for key in ("trainable_blocks", "image_size", "context_length"):
+        if getattr(config.encoder, key) is not None and not encoder_can(config.encoder.kind, "open_clip_towers"):
+            raise ConfigError(f"encoder.{key}: needs an encoder with the 'open_clip_towers' capability "
+                              f"({_able('open_clip_towers')}), not encoder.kind={config.encoder.kind!r}")
+    _validate_best_metric(config)
     if config.encoder.item_representation == "fusion" and not encoder_can(config.encoder.kind, "fusion"):
         raise ConfigError(f"encoder.item_representation: fusion needs an encoder with the 'fusion' capability "
                           f"({_able('fusion')}), not encoder.kind={config.encoder.kind!r}")

@@ -182,6 +182,21 @@ def test_a_paradigm_the_task_contradicts_names_the_key(overrides, message):
         load_config(overrides=overrides)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["train.patience=3"], "train.patience: early stopping needs train.best_metric"),
+    (["train.best_metric=valid/ndcg@10", "train.patience=3"], "needs periodic evaluations"),
+    (["train.best_metric=test/ndcg@10"], "choosing a checkpoint on the test split"),
+    (["train.best_metric=valid/ndcg@7"], "K in eval.ks"),
+    (["train.best_metric=valid/mrr@10"], "SPLIT/ndcg@K or SPLIT/recall@K"),
+    (["train.best_metric=cold/ndcg@10", "eval.splits=[valid]"], "SPLIT in eval.splits"),
+    (["train.patience=-1"], "train.patience: must not be negative"),
+    (["encoder.trainable_blocks=-1"], "encoder.trainable_blocks: must not be negative"),
+])
+def test_early_stopping_and_tower_keys_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
 def test_validate_rejects_empty_user_tower():
     config = Config()
     config.recommender.user_id_embedding = False

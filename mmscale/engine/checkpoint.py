@@ -71,8 +71,9 @@ def latest_complete(checkpoint_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def mark_complete(checkpoint_dir: Path, tag: str, keep_last: int) -> list[str]:
-    """Rank 0, after all ranks saved: marks the tag, points `latest` at it, prunes old tags.
+def mark_complete(checkpoint_dir: Path, tag: str, keep_last: int, keep: tuple[str, ...] = ()) -> list[str]:
+    """Rank 0, after all ranks saved: marks the tag, points `latest` at it, prunes old tags but those in `keep`
+    (the best checkpoint).
 
     Returns the tags removed.
     """
@@ -81,7 +82,7 @@ def mark_complete(checkpoint_dir: Path, tag: str, keep_last: int) -> list[str]:
     tmp.write_text(tag)
     os.replace(tmp, checkpoint_dir / "latest")
     removed = []
-    for old in complete_tags(checkpoint_dir)[:-keep_last]:
+    for old in [t for t in complete_tags(checkpoint_dir)[:-keep_last] if t not in keep]:
         shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
         removed.append(old)
     # Incomplete tags older than the newest complete one are debris of a crashed save.

@@ -75,8 +75,8 @@ def consolidate(source: str | Path, out_dir: str | Path, overrides: list[str] = 
         log(f"writing {export.filename} ({len(export.state)} tensors)")
         save_safetensors(export.state, out / export.filename)
         files[export.filename] = {"what": export.what, "tensors": len(export.state), "shapes": shapes(export.state)}
-        for name, path in export.files.items():
-            shutil.copyfile(path, out / name)
+        for name, content in export.files.items():
+            (out / name).write_bytes(content)
             files[name] = {"what": f"the encoder's architecture, needed to load {export.filename}"}
         encoder_info = export.info
     else:

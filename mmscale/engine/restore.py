@@ -26,6 +26,7 @@ from ..data.format import SPLITS, ShardFormatError
 from ..data.shard_set import ShardSet
 from ..eval.evaluate import NonFiniteModelError, encode_catalogue, evaluate, single_process
 from ..models import build_preprocess
+from ..models.pretrained import MissingWeightsError
 from ..tasks import Task, build_task
 from . import checkpoint
 from .checkpoint import CheckpointError, CheckpointRef
@@ -200,4 +201,4 @@ def evaluate_checkpoint(source: str | Path, splits: list[str] | None = None, exc
 
 
 # Errors the command-line tools report as one line and exit status 2.
-USER_ERRORS = (CheckpointError, ConfigError, ShardFormatError, FileNotFoundError, NonFiniteModelError)
+USER_ERRORS = (CheckpointError, ConfigError, ShardFormatError, FileNotFoundError, NonFiniteModelError, MissingWeightsError)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -118,6 +119,10 @@ class Trainer:
         self.resumed_from = None
         self.content = None  # the (image, text, has_image) catalogue content the task holds, saved with checkpoints
         self.stop_signal: int | None = None  # set by SIGTERM (preemption): save at the next step boundary, exit
+        # train.best_metric's best evaluation so far {"step", "value"} and the evaluations since: saved with checkpoints
+        self.best: dict | None = None
+        self.evals_since_best = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint this process saved or resumed from
         found = checkpoint.resolve_resume(resume, self.run_dir, self.log)
         if found is not None:
             self._load(*found)
@@ -248,7 +253,7 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         self.engine.train()
         end = min(self.total_steps, stop_at or self.total_steps)
-        while self.step < end:
+        while self.step < end and not self.patience_spent:
             wait_start = time.perf_counter()
             try:
                 batch = next(source)
@@ -287,10 +292,19 @@ class Trainer:
                 self.cache_content()
                 names = sorted(self.task.loss_weights)
                 running = torch.zeros(len(names) + 1, device=self.dist.device)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
-                self.save()
+            # Evaluation before the save of the same step, so that the checkpoint knows its outcome (early stopping
+            # resumes exactly); a better evaluation is saved whatever save_every says.
+            improved = False
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
-                self.run_evaluation()
+                improved = self._track_best(self.run_evaluation())
+            if improved or (cfg.save_every and self.step % cfg.save_every == 0 and self.step < end):
+                self.save()
+                if improved:
+                    self._record_best()
+            if self.patience_spent:
+                self.log(f"step {self.step}: early stop: {cfg.best_metric} has not improved on step {self.best['step']}'s "
+                         f"{self.best['value']:.4f} in {self.evals_since_best} evaluations (train.patience)")
+                break
             # Every rank must leave at the same step; a one-integer CPU all-reduce per step is the price of
             # stopping at the next boundary rather than at the next logging window.
             if any_rank(self.stop_signal is not None):
@@ -298,11 +312,41 @@ class Trainer:
                          f"continue with --resume latest")
                 break
         progress.close()
-        self.save()
-        finished = self.step >= self.total_steps
-        results = self.run_evaluation() if finished and self.config.eval.splits else {}
+        if self.saved_step != self.step:
+            self.save()
+        early = self.patience_spent
+        finished = self.step >= self.total_steps or early
+        results = self.run_evaluation() if finished and not early and self.config.eval.splits else {}
+        if results and self._track_best(results):
+            self._record_best()  # the checkpoint just saved
         self.monitor.close()
-        return {"scalars": last, "eval": results, "step": self.step, "stopped": self.stop_signal is not None and not finished}
+        return {"scalars": last, "eval": results, "step": self.step, "stopped": self.stop_signal is not None and not finished,
+                "early_stopped": early, "best": self.best}
+
+    @property
+    def patience_spent(self) -> bool:
+        return bool(self.config.train.patience) and self.evals_since_best >= self.config.train.patience
+
+    def _track_best(self, results: dict) -> bool:
+        """Whether this evaluation is the best of train.best_metric so far (the same verdict on every rank)."""
+        if not self.config.train.best_metric:
+            return False
+        split, metric = self.config.train.best_metric.split("/")
+        value = results[split][metric]
+        if self.best is not None and value <= self.best["value"]:
+            self.evals_since_best += 1
+            return False
+        self.best, self.evals_since_best = {"step": self.step, "value": value, "eval": results}, 0
+        return True
+
+    def _record_best(self) -> None:
+        """RUN/best.json, after the best checkpoint is complete: its tag, step, metric and the whole evaluation."""
+        if self.dist.is_main:
+            tag = checkpoint.tag_for(self.best["step"])
+            record = {"metric": self.config.train.best_metric, "tag": tag, "checkpoint": str(self.checkpoint_dir / tag), **self.best}
+            tmp = self.run_dir / "best.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, self.run_dir / "best.json")
 
     def _stop_nonfinite(self, names, losses, in_a_row: int) -> None:
         values = ", ".join(f"{n} {float(losses[n]):.4g}" for n in names)
@@ -350,6 +394,7 @@ class Trainer:
             "step": self.step, "samples_seen": self.samples_seen,
             "data": {"epoch": self.epoch, "batch": self.batch_in_epoch},
             "config": self.config.to_dict(),
+            "best": self.best, "evals_since_best": self.evals_since_best,
         }
         failure = None
         try:
@@ -370,8 +415,10 @@ class Trainer:
                 f"{f'the previous checkpoint {kept} is kept as latest' if kept else 'no earlier checkpoint exists'}")
         barrier()  # every rank's shards are on disk before the tag is marked complete
         if self.dist.is_main:
-            checkpoint.mark_complete(self.checkpoint_dir, tag, self.config.train.keep_last)
+            keep = (checkpoint.tag_for(self.best["step"]),) if self.best else ()
+            checkpoint.mark_complete(self.checkpoint_dir, tag, self.config.train.keep_last, keep)
         barrier()
+        self.saved_step = self.step
         return self.checkpoint_dir / tag
 
     def _load(self, checkpoint_dir: Path, tag: str) -> None:
@@ -379,7 +426,9 @@ class Trainer:
             _, client = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.epoch, self.batch_in_epoch = client["data"]["epoch"], client["data"]["batch"]
+        self.best, self.evals_since_best = client.get("best"), client.get("evals_since_best", 0)
         self.resumed_from = checkpoint_dir / tag
+        self.saved_step = self.step
         if not checkpoint.load_rng_state(checkpoint_dir / tag, self.dist.rank):
             self.log(f"{checkpoint_dir / tag} holds no random state for rank {self.dist.rank}: dropout draws start afresh")
         content = checkpoint.load_content_cache(checkpoint_dir / tag, self.dist.device)

