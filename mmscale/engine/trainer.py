@@ -295,7 +295,8 @@ class Trainer:
             # Evaluation before the save of the same step, so that the checkpoint knows its outcome (early stopping
             # resumes exactly); a better evaluation is saved whatever save_every says.
             improved = False
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
+            # (at a --stop-at step too: the resumed run must not skip an evaluation the unbroken run made)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 improved = self._track_best(self.run_evaluation())
             if improved or (cfg.save_every and self.step % cfg.save_every == 0 and self.step < end):
                 self.save()
