@@ -33,6 +33,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,21 +328,23 @@ def write_chart(study: Study, rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     names = [entry["row"].name for entry in rows]
     stats = [_mean_std([r["eval"]["test"]["ndcg@10"] for r in entry["results"]]) for entry in rows]
     families = list(dict.fromkeys(entry["row"].family for entry in rows))
     palette = plt.get_cmap("tab10")
     colours = [palette(families.index(entry["row"].family) % 10) for entry in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.6))
     y = list(range(len(rows)))[::-1]
-    ax.barh(y, [m for m, _ in stats], xerr=[s or 0.0 for _, s in stats], color=colours, capsize=3)
+    errors = [s or 0.0 for _, s in stats]
+    ax.barh(y, [m for m, _ in stats], xerr=errors if any(errors) else None, color=colours, capsize=3)
     ax.set_yticks(y, names)
-    ax.set_xlabel("test NDCG@10 (at the best validation evaluation)")
-    ax.set_title(study.title)
-    for family in families:
-        ax.bar(0, 0, color=palette(families.index(family) % 10), label=family or "-")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("test NDCG@10 at the best validation evaluation (error bars: std over seeds)")
+    ax.set_title("\n".join(textwrap.wrap(study.title, 80)), fontsize="medium")
+    ax.legend(handles=[Patch(color=palette(i % 10), label=family or "-") for i, family in enumerate(families)],
+              loc="upper right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
