@@ -171,7 +171,8 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def _run_baseline(study: Study, row: Row, run_dir: Path) -> dict:
+def _run_baseline(study: Study) -> dict:
+    """MostPop (the one baseline) on the study's shards."""
     from .config import EvalConfig
     from .data.shard_set import ShardSet
     from .eval.evaluate import evaluate, single_process
@@ -254,7 +255,7 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
             else:
                 log(f"{row.name} (seed {seed}): running into {run_dir}")
                 run_dir.mkdir(parents=True, exist_ok=True)
-                result = _run_baseline(study, row, run_dir) if row.baseline else _run_training(study, row, seed, run_dir, log)
+                result = _run_baseline(study) if row.baseline else _run_training(study, row, seed, run_dir, log)
                 _write_json(done, {"row": row.name, "family": row.family, "seed": seed, **result})
                 log(f"{row.name} (seed {seed}): {_headline(result) or 'done (a step for other rows, not reported)'}")
             results.append(json.loads(done.read_text()))
