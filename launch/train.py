@@ -26,11 +26,6 @@ import sys
 # slower. A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mmscale.config import ConfigError, load_config
-from mmscale.engine.checkpoint import CheckpointError, SaveError
-from mmscale.data.format import ShardFormatError
-from mmscale.models.pretrained import MissingWeightsError
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the heavy imports: --help is instant
+    from mmscale.config import ConfigError, load_config
+    from mmscale.data.format import ShardFormatError
+    from mmscale.engine.checkpoint import CheckpointError, SaveError
+    from mmscale.models.pretrained import MissingWeightsError
+
     try:
         config = load_config(args.config, args.overrides)
         from mmscale.engine.trainer import NonFiniteLossError, Trainer  # imports deepspeed: after the config is known to be good

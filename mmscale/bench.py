@@ -22,8 +22,6 @@ from typing import Callable
 
 import psutil
 
-from .engine.distributed import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 CLIP_ALONE = {"rec": 0, "itc": 1}
@@ -212,6 +210,8 @@ def run_mmscale(work: Path, name: str, *, shards: str, weights: dict, stage: int
     if ranks == 1:
         launcher = [sys.executable]
     else:
+        from .engine.distributed import free_port  # torch and DeepSpeed: only when launching
+
         launcher = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed",
                     "--num_gpus", str(ranks), "--master_port", str(free_port())]
     metrics, global_batch = run_dir / "metrics.jsonl", batch_size * ranks

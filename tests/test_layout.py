@@ -53,3 +53,23 @@ def test_one_list_of_losses_and_what_they_need():
         load_config(overrides=["objectives.weights.itm=1.0"])  # CLIP has no fusion mode
     with pytest.raises(ConfigError, match="objectives.weights.nce: unknown loss"):
         load_config(overrides=["objectives.weights.nce=1.0"])
+
+
+HEAVY = ("torch", "deepspeed", "open_clip", "transformers", "webdataset", "faiss", "matplotlib")
+PROGRAMS = [p for p in TOOLS if not p.name.startswith("_")] + [REPO / "launch" / "train.py"]
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.name)
+def test_help_comes_before_the_heavy_imports(program):
+    """`--help` answers at once: the program parses its arguments before importing torch, DeepSpeed and the like."""
+    import subprocess
+    import sys
+
+    probe = (f"import runpy, sys\nsys.argv = [{str(program)!r}, '--help']\n"
+             f"try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+             f"print('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+    loaded = proc.stdout.strip().splitlines()[-1]
+    assert loaded == "loaded:", f"{program.name} --help imported {loaded.removeprefix('loaded:')}"

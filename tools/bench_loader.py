@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-import psutil
-
-from mmscale.data.item_store import ItemStore
-from mmscale.data.stream import InteractionStream, make_loader
-from mmscale.models import build_preprocess
-from mmscale.config import EncoderConfig
-
 
 def measure(shard_dir: str, model: str, workers: int, batches: int, batch_size: int, history_content: bool) -> dict:
+    from mmscale.config import EncoderConfig
+    from mmscale.data.stream import InteractionStream, make_loader
+    from mmscale.models import build_preprocess
+
     stream = InteractionStream(shard_dir, "train", batch_size, build_preprocess(EncoderConfig(model=model)), history_content=history_content)
     loader = iter(make_loader(stream, workers))
     for _ in range(workers):  # warm-up: workers start and fill their shuffle buffers
@@ -42,6 +38,11 @@ def measure(shard_dir: str, model: str, workers: int, batches: int, batch_size: 
 
 def item_store_access(shard_dir: str, lookups: int, seed: int = 0) -> dict:
     """Latency percentiles (µs) of one item's image and text, per pass, and resident memory (bytes)."""
+    import numpy as np
+    import psutil
+
+    from mmscale.data.item_store import ItemStore
+
     process = psutil.Process()
     before = process.memory_info().rss
     store = ItemStore(shard_dir)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lookups", type=int, default=20000, help="random item-store reads per pass (0: skip)")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # before the heavy imports: --help is instant
     store = item_store_access(args.shard_dir, args.lookups) if args.lookups else None
     rows = []
     for history_content in (False, True):

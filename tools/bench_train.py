@@ -43,10 +43,9 @@ import tempfile
 from pathlib import Path
 
 from mmscale.bench import (
-    CLIP_ALONE, JOINT, REPO, Run, Throughput, after_warmup, rank_env, run_logged, run_mmscale, throughput_header, throughput_row,
+    CLIP_ALONE, JOINT, REPO, Run, Throughput, after_warmup, rank_env, run_logged, run_mmscale, throughput_header,
+    throughput_row,
 )
-from mmscale.engine.distributed import free_port
-from mmscale.engine.scale_plan import FORMULAS, model_state_bytes
 
 OPEN_CLIP_TRAIN = REPO / "tools" / "_bench_common.py"  # open_clip_train.main, able to run on several CPU ranks
 MEMORY_STEPS = 3  # measured after a first step (Adam's state exists from then on)
@@ -120,6 +119,8 @@ def run_open_clip(args, python: Path, work: Path, name: str) -> Run:
     if args.ranks == 1:
         launcher = [str(python), str(OPEN_CLIP_TRAIN)]
     else:
+        from mmscale.engine.distributed import free_port
+
         launcher = [str(python), "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
                     "--master_port", str(free_port()), str(OPEN_CLIP_TRAIN)]
     load = os.getloadavg()[0]
@@ -165,11 +166,15 @@ def print_throughput(args, clip: Throughput, peer: Throughput | None, joint: Thr
 
 
 def model_states(precision: str, stage: int, psi: int, ranks: int) -> float:
+    from mmscale.engine.scale_plan import model_state_bytes
+
     return sum(model_state_bytes(psi, ranks, stage, precision).values())
 
 
 def memory_section(args, work: Path) -> None:
     """ZeRO stages 0-3 on the joint objective: per-rank RSS next to the model-state formulas."""
+    from mmscale.engine.scale_plan import FORMULAS
+
     ranks, model = max(args.ranks, 2), args.memory_model or args.model
     runs = {stage: run_mmscale(work, f"memory-zero{stage}", shards=args.shards, workers=args.workers, lr=args.lr,
                                weights=JOINT, stage=stage, ranks=ranks, model=model,

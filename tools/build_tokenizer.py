@@ -14,9 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmscale.data.format import ShardFormatError
-from mmscale.data.item_store import ItemStore
-from mmscale.models.vlmo import build_wordpiece_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("shard_dir")
     p.add_argument("out_dir")
     p.add_argument("--vocab-size", type=int, default=8000, help="upper bound; few texts give a smaller vocabulary")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # before the heavy imports: --help is instant
+    from mmscale.data.format import ShardFormatError
+    from mmscale.data.item_store import ItemStore
+    from mmscale.models.vlmo import build_wordpiece_tokenizer
+
     try:
         store = ItemStore(args.shard_dir)
     except (ShardFormatError, FileNotFoundError) as e:

@@ -32,9 +32,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmscale.config import ConfigError
-from mmscale.models.vlmo import VLMoConfig
-from mmscale.models.vlmo_release import WRAPPER_KEYS, ConversionError, export_checkpoint, import_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("src", type=Path)
     p_export.add_argument("out", type=Path)
     p_export.add_argument("--config", default=None, help="check the result against this VLMo JSON or preset")
-    p_export.add_argument("--wrap", choices=(*WRAPPER_KEYS, "none"), default="state_dict")
-    args = parser.parse_args(argv)
+    p_export.add_argument("--wrap", default="state_dict", help="the key the release wraps its state dict in, or none")
+    args = parser.parse_args(argv)  # before the heavy imports: --help is instant
+    from mmscale.config import ConfigError
+    from mmscale.models.vlmo import VLMoConfig
+    from mmscale.models.vlmo_release import WRAPPER_KEYS, ConversionError, export_checkpoint, import_checkpoint
+
+    if args.command == "export" and args.wrap not in (*WRAPPER_KEYS, "none"):
+        p_export.error(f"argument --wrap: invalid choice: {args.wrap!r} (choose from {', '.join((*WRAPPER_KEYS, 'none'))})")
     try:
         config = None if args.config is None else VLMoConfig.resolve(args.config)
         if args.command == "import":

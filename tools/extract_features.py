@@ -19,20 +19,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
-from mmscale.build.features import (
-    DEFAULT_MAX_SENTENCES,
-    extract_image_features,
-    extract_text_features,
-    image_meta,
-    item_indices,
-    text_meta,
-)
-from mmscale.data.features import IMAGE_FEATURES, TEXT_FEATURES, feature_paths, save_features
-from mmscale.data.format import ShardFormatError
-from mmscale.data.shard_set import ShardSet
-from mmscale.models.pretrained import EffNetEncoder, MiniLMEncoder, MissingWeightsError, effnet_weights, minilm_zip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,21 +28,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image", action="store_true", help="EfficientNet-Lite0 image tokens (effnet-image)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences / images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: in this process)")
-    p.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES, help="text vectors per item")
+    p.add_argument("--max-sentences", type=int, help="text vectors per item (default: the library's, 8)")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N items and write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.text and not args.image:
         args.text = args.image = True
     for name in ("batch_size", "max_sentences"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers < 0 or (args.limit is not None and args.limit < 0):
         p.error("--workers and --limit must not be negative")
     return args
 
 
-def _report(kind: str, features: dict[str, np.ndarray], seconds: float, count: int, unit: str) -> None:
+def _report(kind: str, features: dict, seconds: float, count: int, unit: str) -> None:
     vectors, mask = features["vectors"], features["mask"]
     with_any = int(mask.any(1).sum())
     print(f"{kind}: vectors {list(vectors.shape)} {vectors.dtype}, mask {list(mask.shape)}; "
@@ -65,7 +51,22 @@ def _report(kind: str, features: dict[str, np.ndarray], seconds: float, count: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the heavy imports: --help is instant
+    from mmscale.build.features import (
+        DEFAULT_MAX_SENTENCES,
+        extract_image_features,
+        extract_text_features,
+        image_meta,
+        item_indices,
+        text_meta,
+    )
+    from mmscale.data.features import IMAGE_FEATURES, TEXT_FEATURES, feature_paths, save_features
+    from mmscale.data.format import ShardFormatError
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.models.pretrained import EffNetEncoder, MiniLMEncoder, MissingWeightsError, effnet_weights, minilm_zip
+
+    if args.max_sentences is None:
+        args.max_sentences = DEFAULT_MAX_SENTENCES
     try:
         shards = ShardSet.open(args.shard_dir)
     except ShardFormatError as e:

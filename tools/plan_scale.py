@@ -36,17 +36,10 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from mmscale.bench import JOINT, Throughput, run_mmscale
-from mmscale.engine.distributed import free_port
-from mmscale.config import load_config
-from mmscale.data.shard_set import ShardSet
-from mmscale.engine.scale_plan import FORMULAS, Hardware, ModelProfile, plan, profile_model
-from mmscale.models.vlmo import build_wordpiece_tokenizer
+if TYPE_CHECKING:  # the library imports torch: imported where used, after the arguments are parsed
+    from mmscale.engine.scale_plan import ModelProfile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +53,10 @@ GIB = 2**30
 
 
 def model_profile(args, precision: str) -> ModelProfile:
+    from mmscale.config import load_config
+    from mmscale.engine.scale_plan import profile_model
+    from mmscale.models.vlmo import build_wordpiece_tokenizer
+
     if args.config:
         config = load_config(args.config, args.set)
         name = Path(args.config).stem
@@ -93,6 +90,8 @@ def plan_row(p, scaling: float) -> list[str]:
 
 
 def print_plans(args) -> None:
+    from mmscale.engine.scale_plan import FORMULAS, Hardware, plan
+
     profile = model_profile(args, args.precision)
     hardware = Hardware(memory_gib=args.gpu_memory_gib, flops=args.peak_tflops * 1e12 * args.mfu,
                         intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
@@ -122,6 +121,9 @@ def print_plans(args) -> None:
 def _device_worker(rank: int, ranks: int, port: int, model: str, batch: int, repeats: int, mib: int, out: str) -> None:
     """One thread per rank, as in the training runs: all ranks run the encoder's forward and backward on
     random inputs at once, then time gloo all-reduces of `mib` MiB."""
+    import torch
+    import torch.distributed as dist
+
     from mmscale.config import EncoderConfig
     from mmscale.models import build_encoder
 
@@ -160,6 +162,10 @@ def measure_devices(profile: ModelProfile, model: str, batch: int, ranks: int, r
     encoder's forward and backward (cores of a virtual machine share caches and memory bandwidth), and
     gloo's all-reduce as ring bus bandwidth, GB/s per rank: the bytes each rank sends, 2(N-1)/N of the
     tensor, over the median time (inf for one rank)."""
+    import torch.multiprocessing as mp
+
+    from mmscale.engine.distributed import free_port
+
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         mp.spawn(_device_worker, args=(ranks, free_port(), model, batch, repeats, mib, out.name), nprocs=ranks)
         found = json.loads(Path(out.name).read_text())
@@ -170,6 +176,11 @@ def measure_devices(profile: ModelProfile, model: str, batch: int, ranks: int, r
 
 
 def validate(args) -> None:
+    from mmscale.bench import JOINT, Throughput, run_mmscale
+    from mmscale.config import load_config
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.engine.scale_plan import Hardware, plan, profile_model
+
     shards = ShardSet.open(args.shards)
     config = load_config(REPO / "configs/demo.yaml", [f"encoder.model={args.model}"])
     profile = profile_model(config, shards.num_users, shards.num_items, "fp32", args.model)
