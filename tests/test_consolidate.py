@@ -51,7 +51,7 @@ def _worker(argv: list[str]) -> int:
         "data.num_workers=0", f"train.run_dir={args.run_dir}",
         f"train.deepspeed_config={REPO / 'ds_configs' / f'zero{args.stage}.json'}",
         f"train.max_steps={STEPS}", "train.log_every=1", "optim.warmup_steps=1", "optim.lr_encoder=1e-3",
-        "optim.lr_recommender=1e-2", *([] if args.eval else ["eval.splits=[]"]),
+        "optim.lr_recommender=1e-2", "train.peak_tflops=1", *([] if args.eval else ["eval.splits=[]"]),
     ])
     from mmscale.engine.distributed import deepspeed
     from mmscale.engine.trainer import Trainer
@@ -200,28 +200,39 @@ def test_weights_equal_the_engines(name, runs):
 
 @pytest.mark.parametrize("name", RUNS)
 def test_encoder_loads_into_open_clip(name, runs, shards):
-    """strict=True into a fresh open_clip model; same image/text embeddings as the task's encoder."""
+    """The export folder is an open_clip `local-dir:` model: create_model_and_transforms and get_tokenizer load it
+    with no registration; strict=True into a fresh model too; same embeddings as the task's encoder."""
+    import io
+
     import open_clip
     import torch
+    from PIL import Image
     from safetensors.torch import load_file
 
+    from mmscale.data.item_store import ItemStore
+
     export = runs(name)["export"]
-    state = load_file(str(export / "encoder_open_clip.safetensors"))
+    state = load_file(str(export / "open_clip_model.safetensors"))
     assert state["logit_scale"].shape == torch.Size([])
     assert not any(k.startswith("encoder.") for k in state)
 
+    loaded, _, transform = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    loaded.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
     open_clip.add_model_config(ARCH)
     fresh = open_clip.create_model("clip-tiny")
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in state.items()}
     fresh.load_state_dict(state, strict=True)
     fresh.eval()
-    # open_clip's own loader takes the file as a local pretrained checkpoint, too
-    loaded = open_clip.create_model("clip-tiny", pretrained=str(export / "encoder_open_clip.safetensors")).eval()
     assert runs(name)["record"]["model"]["open_clip"]["model_name"] == "clip-tiny"
-    assert (export / "clip-tiny.json").is_file()
 
     task, _ = task_from_export(export, shards)
-    batch = item_batch(shards, task.encoder.preprocess(), [0, 3, 17, 88, 149])
+    preprocess = task.encoder.preprocess()
+    batch = item_batch(shards, preprocess, [0, 3, 17, 88, 149])
+    store = ItemStore(shards)
+    with Image.open(io.BytesIO(store.image(3)[0])) as img:  # open_clip's transform and tokenizer are the run's
+        torch.testing.assert_close(transform(img.convert("RGB")), preprocess.image_transform(img.convert("RGB")))
+    assert torch.equal(tokenizer([store.text(3)]), preprocess.tokenize([store.text(3)]))
     with torch.no_grad():
         image, text = task.encode_content(batch["images"], batch["text_tokens"])
         for model in (fresh, loaded):
@@ -230,6 +241,26 @@ def test_encoder_loads_into_open_clip(name, runs, shards):
         assert float(fresh.logit_scale) == pytest.approx(float(task.encoder.logit_scale))
     # and they are the trained weights, not a fresh model's
     assert torch.equal(state["visual.conv1.weight"], runs(name)["final"]["encoder.clip.visual.conv1.weight"])
+
+
+def test_training_scalars_carry_epoch_logit_scale_and_mfu(runs):
+    """Beside the losses: the epoch (fractional), the contrastive logit scale as trained, and with train.peak_tflops
+    the encoder's MFU, from its FLOPs per item and the items encoded per second."""
+    from safetensors.torch import load_file
+
+    r = runs("zero2-1rank")
+    rows = [json.loads(line) for line in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss/total" in row]
+    assert len(rows) == STEPS
+    epochs = [row["train/epoch"] for row in rows]
+    assert epochs == sorted(epochs) and 0 < epochs[0] < epochs[-1] < 1
+    scale = float(load_file(str(r["export"] / "open_clip_model.safetensors"))["logit_scale"].exp())
+    assert rows[-1]["train/logit_scale"] == pytest.approx(scale, rel=1e-6)
+    for row in rows:
+        # a tiny CLIP on CPU: a few GFLOP/s against the 1 TFLOP/s peak given
+        assert 1e-5 < row["perf/encoder_mfu"] < 0.2
+        assert row["perf/encoder_mfu"] / row["perf/items_encoded_per_s"] == pytest.approx(
+            rows[0]["perf/encoder_mfu"] / rows[0]["perf/items_encoded_per_s"])  # a fixed FLOPs per item
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -267,7 +298,7 @@ def test_consolidated_json(name, runs):
     export, record = r["export"], r["record"]
     assert json.loads((export / "consolidated.json").read_text()) == json.loads(json.dumps(record))
     listed = set(record["files"])
-    assert {"model.safetensors", "encoder_open_clip.safetensors", "item_embeddings.safetensors"} <= listed
+    assert {"model.safetensors", "open_clip_model.safetensors", "item_embeddings.safetensors"} <= listed
     assert listed | {"consolidated.json"} == {p.name for p in export.iterdir()}
     for file, entry in record["files"].items():
         assert entry["sha256"] == sha256(export / file), file
@@ -275,12 +306,13 @@ def test_consolidated_json(name, runs):
     source = record["source"]
     assert source["tag"] == f"step{STEPS:08d}" and source["step"] == STEPS
     assert Path(source["run_dir"]) == r["run_dir"].resolve()
-    assert record["zero_stage"] == source["zero_stage"] == r["stage"]
+    effective = 0 if r["ranks"] == 1 else r["stage"]  # one rank runs ZeRO-2 as stage 0: nothing to partition
+    assert record["zero_stage"] == source["zero_stage"] == effective
     assert source["world_size"] == r["ranks"]
     assert record["num_items"] == 150
     embed_dim = record["config"]["recommender"]["embed_dim"]
     assert record["files"]["item_embeddings.safetensors"]["shapes"]["item_embeddings"] == [150, embed_dim]
-    assert record["files"]["encoder_open_clip.safetensors"]["shapes"]["logit_scale"] == []
+    assert record["files"]["open_clip_model.safetensors"]["shapes"]["logit_scale"] == []
     assert record["files"]["model.safetensors"]["shapes"]["encoder.clip.logit_scale"] == [1]
 
 
@@ -364,3 +396,37 @@ def test_cli_exit_status_on_a_missing_run(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1:]))
+
+
+def test_recommendations_from_export_and_run_agree_and_damage_is_named(runs, shards, tmp_path):
+    """tools/recommend.py gives the same top K from the export (FAISS) and from the run (brute force, in memory); an
+    altered export file is refused by name, before FAISS reads it."""
+    import io
+    from contextlib import redirect_stdout
+
+    from mmscale.engine.export import ExportError, load_export
+
+    r = runs("zero2-1rank")
+    recommend = load_program("tools/recommend.py").main
+    shown = {}
+    for source in (r["export"], r["run_dir"]):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert recommend([str(source), "--random", "5", "--k", "7", "--json", "--shards", str(shards)]) == 0
+        shown[source] = json.loads(out.getvalue())
+    from_export, from_run = shown[r["export"]], shown[r["run_dir"]]
+    assert [u["user"] for u in from_export] == [u["user"] for u in from_run] and len(from_export) == 5
+    for a, b in zip(from_export, from_run):
+        assert [x["item"] for x in a["recommended"]] == [x["item"] for x in b["recommended"]]
+        assert len(a["recommended"]) == 7 and not set(x["item"] for x in a["recommended"]) & set(a["history"])
+
+    damaged = tmp_path / "export"
+    shutil.copytree(r["export"], damaged)
+    data = bytearray((damaged / "items.faiss").read_bytes())
+    data[-1] ^= 0xFF
+    (damaged / "items.faiss").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="items.faiss: its sha256 differs"):
+        load_export(damaged, shards)
+    (damaged / "consolidated.json").unlink()
+    with pytest.raises(ExportError, match="not an export folder"):
+        load_export(damaged, shards)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmscale.engine.trainer import warmup_cosine
-from mmscale.eval.evaluate import Collectives, _seen_mask, _share
+from mmscale.eval.evaluate import Collectives, seen_mask, _share
 from mmscale.eval.metrics import metric_sums, target_ranks
 
 
@@ -28,14 +28,16 @@ def reference_rank(scores: list[float], target: int, excluded: set[int]) -> int:
 def reference_metrics(ranks: list[int], ks, weights: list[float] | None) -> dict[str, float]:
     out = {}
     for k in ks:
-        recall = ndcg = 0.0
+        recall = ndcg = mrr = 0.0
         for i, r in enumerate(ranks):
             w = 1.0 if weights is None else weights[i]
             if r < k:
                 recall += w
                 ndcg += w / math.log2(r + 2)
-        out[f"recall@{k}"] = recall
+                mrr += w / (r + 1)
+        out[f"recall@{k}"] = out[f"hit@{k}"] = recall
         out[f"ndcg@{k}"] = ndcg
+        out[f"mrr@{k}"] = mrr
     return out
 
 
@@ -104,9 +106,11 @@ def test_zero_weight_drops_a_row():
         assert float(with_padding[name]) == pytest.approx(float(without[name]))
     assert float(without["recall@2"]) == 1.0
     assert float(without["ndcg@2"]) == pytest.approx(1.0)  # rank 0: 1/log2(2); rank 3 misses K=2
+    assert float(without["mrr@2"]) == pytest.approx(1.0)
+    assert float(metric_sums(torch.tensor([1, 2]), (3,))["mrr@3"]) == pytest.approx(1 / 2 + 1 / 3)
 
 
-# -- _seen_mask -------------------------------------------------------------------------------------
+# -- seen_mask -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1])
 def test_seen_mask_matches_dense_reference(seed):
     rng = np.random.default_rng(seed)
@@ -122,7 +126,7 @@ def test_seen_mask_matches_dense_reference(seed):
 
     history = torch.full((len(users), 4), -1)
     history[3, 2:] = torch.tensor([num_items - 1, 0])  # a sample whose history holds items beyond the seen set
-    got = _seen_mask(torch.from_numpy(users), history, torch.from_numpy(indptr), torch.from_numpy(items), num_items)
+    got = seen_mask(torch.from_numpy(users), history, torch.from_numpy(indptr), torch.from_numpy(items), num_items)
 
     expected = np.zeros((len(users), num_items), dtype=bool)
     for row, u in enumerate(users):
@@ -145,7 +149,7 @@ def test_the_test_ranking_drops_the_valid_item(tiny_raw, tiny_preprocess, tmp_pa
     build_shards(tiny_raw().write(tmp_path / "raw"), shards, BuildOptions(progress=False, workers=1))
     seen = np.load(shards / "seen.npz")
     batch = next(InteractionStream(shards, "test", 64, tiny_preprocess, resampled=False, shuffle_buffer=0, content=False).batches())
-    mask = _seen_mask(batch.users, batch.history, torch.from_numpy(seen["indptr"]), torch.from_numpy(seen["items"]), 8)
+    mask = seen_mask(batch.users, batch.history, torch.from_numpy(seen["indptr"]), torch.from_numpy(seen["items"]), 8)
     valid = next(InteractionStream(shards, "valid", 64, tiny_preprocess, resampled=False, shuffle_buffer=0, content=False).batches())
     valid_item = dict(zip(valid.users.tolist(), valid.targets.tolist()))
     for row, user in enumerate(batch.users.tolist()):

@@ -47,13 +47,85 @@ def shards_with_features(ml100k_raw, tmp_path_factory) -> Path:
     return out
 
 
-def test_mp4sr_finetuned_beats_sasrec_on_valid_ndcg(shards_with_features, tmp_path):
-    sasrec = train("ml100k-sasrec", shards_with_features, tmp_path / "sasrec", TRAIN_STEPS)
-    train("ml100k-pretrain", shards_with_features, tmp_path / "pretrain", PRETRAIN_STEPS)
-    run(["tools/consolidate_checkpoint.py", str(tmp_path / "pretrain"), "--out", str(tmp_path / "pretrain-export")])
-    mp4sr = train("ml100k-finetune", shards_with_features, tmp_path / "finetune", TRAIN_STEPS,
-                  f"sequence.pretrained={tmp_path / 'pretrain-export' / 'model.safetensors'}")
+@pytest.fixture(scope="module")
+def trained(shards_with_features, tmp_path_factory) -> dict:
+    """SASRec and MP4SR (pre-trained, consolidated, fine-tuned) on the same shards: their last valid evaluations
+    and run folders."""
+    root = tmp_path_factory.mktemp("ml100k-runs")
+    sasrec = train("ml100k-sasrec", shards_with_features, root / "sasrec", TRAIN_STEPS)
+    train("ml100k-pretrain", shards_with_features, root / "pretrain", PRETRAIN_STEPS)
+    run(["tools/consolidate_checkpoint.py", str(root / "pretrain"), "--out", str(root / "pretrain-export")])
+    mp4sr = train("ml100k-finetune", shards_with_features, root / "finetune", TRAIN_STEPS,
+                  f"sequence.pretrained={root / 'pretrain-export' / 'model.safetensors'}")
+    return {"sasrec": sasrec, "mp4sr": mp4sr, "root": root}
+
+
+def test_mp4sr_finetuned_beats_sasrec_on_valid_ndcg(trained):
+    sasrec, mp4sr = trained["sasrec"], trained["mp4sr"]
     for name, result in (("SASRec", sasrec), ("MP4SR", mp4sr)):
         print(f"{name}: valid NDCG@10 {result['eval/valid/ndcg@10']:.4f}, Recall@20 {result['eval/valid/recall@20']:.4f}")
     assert mp4sr["eval/valid/ndcg@10"] > sasrec["eval/valid/ndcg@10"]
     assert sasrec["eval/valid/recall@20"] > 2 * sasrec["eval/valid/random_recall@20"]  # the baseline is no straw man
+
+
+def test_recommendations_from_the_export(trained, shards_with_features):
+    """The export's FAISS index gives every user's brute-force top 10; its user vectors score the test item as the
+    evaluation did (the run's own test MRR@10 and Recall@10 recomputed from the exported tables); tools/recommend.py
+    prints and draws them."""
+    import torch
+    from PIL import Image
+
+    from mmscale.engine.export import load_export
+    from mmscale.eval.metrics import target_ranks
+    from mmscale.eval.recommend import excluded_items, held_out, index_top_k, top_k
+
+    root = trained["root"]
+    run(["tools/consolidate_checkpoint.py", str(root / "finetune"), "--out", str(root / "finetune-export")])
+    tables = load_export(root / "finetune-export")
+    samples = held_out(tables.shards, "test")
+    assert torch.equal(tables.users, samples.users) and len(samples.users) == tables.shards.num_users
+    rows = torch.arange(len(samples.users))
+    excluded = excluded_items(tables.shards, samples, rows)
+    exact_scores, exact = top_k(tables.user_vectors, tables.items, 10, excluded)
+    scores, found = index_top_k(tables.index, tables.user_vectors, 10, excluded)
+    assert torch.equal(found, exact)
+    torch.testing.assert_close(scores, exact_scores, rtol=1e-5, atol=1e-5)
+
+    ranks = target_ranks(tables.user_vectors @ tables.items.T, samples.targets, excluded)
+    logged = [json.loads(line) for line in (root / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in logged if "eval/test/mrr@10" in r][-1]
+    one_user = 1.01 / len(ranks)  # batched matmuls may differ in the last bit: at most a near-tie flips
+    assert (ranks < 10).double().mean().item() == pytest.approx(final["eval/test/recall@10"], abs=one_user)
+    assert final["eval/test/hit@10"] == final["eval/test/recall@10"]
+    assert (torch.where(ranks < 10, 1.0 / (ranks + 1.0), 0.0)).mean().item() == pytest.approx(final["eval/test/mrr@10"], abs=one_user)
+
+    user_ids = json.loads((shards_with_features / "user_ids.json").read_text())
+    sheet = root / "recommendations.png"
+    proc = subprocess.run([sys.executable, "tools/recommend.py", str(root / "finetune-export"), "--users",
+                           f"{user_ids[0]},{user_ids[5]}", "--k", "10", "--contact-sheet", str(sheet), "--json"],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(proc.stdout)
+    item_ids = json.loads((shards_with_features / "item_ids.json").read_text())
+    assert [u["user"] for u in shown] == [str(user_ids[0]), str(user_ids[5])]
+    for user, position in zip(shown, (0, 5)):
+        assert [r["item"] for r in user["recommended"]] == [item_ids[i] for i in exact[position].tolist()]
+        assert user["held_out"] == item_ids[int(samples.targets[position])]
+    with Image.open(sheet) as img:
+        assert img.height >= 2 * 200 and img.width > 10 * 150
+
+    bad = subprocess.run([sys.executable, "tools/recommend.py", str(root / "finetune-export"), "--users", "no-such-user"],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown user id 'no-such-user'" in bad.stderr
+
+
+def test_plot_runs_overlays_the_runs(trained, tmp_path):
+    from PIL import Image
+
+    from mmscale.curves import plot_runs
+
+    root = trained["root"]
+    titles = plot_runs([root / "sasrec", root / "finetune"], tmp_path / "curves.png", labels=["SASRec", "MP4SR"])
+    assert titles[:2] == ["loss/total", "loss/rec"] and "learning rate" in titles and "valid/ndcg@10" in titles
+    with Image.open(tmp_path / "curves.png") as img:
+        assert img.width >= 1000

@@ -96,22 +96,27 @@ def test_batchnorm_keeps_its_statistics_in_training(encoder):
 
 
 def test_export_loads_with_open_clip(encoder, tmp_path):
-    """The export's architecture JSON (sizes as trained, towers resolved to local folders) and weights rebuild the
-    same encoder with open_clip.create_model."""
+    """The export is an open_clip `local-dir:` folder (sizes as trained, towers resolved to local folders, the
+    EfficientNet normalisation): create_model_and_transforms and get_tokenizer rebuild the same encoder."""
     from mmscale.engine.export import save_safetensors
 
     export = encoder.export()
-    assert set(export.files) == {"minilm-effnet-96px-24tok.json"}
+    assert {"open_clip_config.json", "tokenizer.json"} <= set(export.files) and export.filename == "open_clip_model.safetensors"
     for name, content in export.files.items():
         (tmp_path / name).write_bytes(content)
-    config = json.loads((tmp_path / "minilm-effnet-96px-24tok.json").read_bytes())
+    folder_config = json.loads((tmp_path / "open_clip_config.json").read_bytes())
+    config = folder_config["model_cfg"]
     assert config["vision_cfg"]["image_size"] == 96 and config["text_cfg"]["context_length"] == 24
     assert Path(config["text_cfg"]["hf_model_name"]).is_dir() and config["vision_cfg"]["timm_model_pretrained"] is False
     save_safetensors(export.state, tmp_path / export.filename)
-    open_clip.add_model_config(tmp_path / "minilm-effnet-96px-24tok.json")
-    loaded = open_clip.create_model("minilm-effnet-96px-24tok", pretrained=str(tmp_path / export.filename)).eval()
+    loaded, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
+    loaded.eval()
     encoder.eval()
-    x, tokens = _images(2, 96), encoder.preprocess().tokenize(["red", "blue"])
+    image = Image.new("RGB", (120, 80), (250, 20, 40))
+    torch.testing.assert_close(transform(image), encoder.preprocess().image_transform(image))
+    tokens = encoder.preprocess().tokenize(["red", "blue"])
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path}")(["red", "blue"]), tokens)
+    x = _images(2, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(x, normalize=True), encoder.clip.encode_image(x, normalize=True))
         torch.testing.assert_close(loaded.encode_text(tokens, normalize=True), encoder.clip.encode_text(tokens, normalize=True))

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Evaluate a run's checkpoint: full ranking of the catalogue, recall@K and NDCG@K per split.
+"""Evaluate a run's checkpoint: full ranking of the catalogue, Recall, NDCG, MRR and Hit @K per split.
 
     python tools/evaluate.py RUN_DIR_OR_CHECKPOINT [--splits valid,test,cold] [--no-exclude-seen] [--set key=value ...]
 
-RUN_DIR_OR_CHECKPOINT is a run folder (its newest complete tag), its checkpoints/ folder or one
-tag folder. The task is rebuilt from the run's config.json (`--set` overrides keys, e.g.
+RUN_DIR_OR_CHECKPOINT is a run folder or RUN/latest (its newest complete tag), RUN/best (the tag
+of train.best_metric's best evaluation), its checkpoints/ folder or one tag folder. The task is rebuilt from the run's config.json (`--set` overrides keys, e.g.
 --set eval.ks=[5,10] or --set data.shards=PATH), the ZeRO partitions of every rank are merged into
 fp32 weights, and `mmscale.eval.evaluate` runs in this one process (CUDA if available, else CPU;
 --device to choose). Prints on stdout:
@@ -26,7 +26,7 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="run folder (newest complete tag) or a tag folder")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="run folder or RUN/latest (newest complete tag), RUN/best, or a tag folder")
     p.add_argument("--splits", help="comma-separated, e.g. valid,test,cold (default: the run's eval.splits)")
     p.add_argument("--no-exclude-seen", dest="exclude_seen", action="store_const", const=False, default=None,
                    help="keep each user's training items in the ranking (RecBole protocol)")

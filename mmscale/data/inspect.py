@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ..config import dotted_items
 from .format import IMAGE_KEYS, SPLITS, shard_paths
 from .item_store import ItemStore
 
@@ -37,14 +38,6 @@ def _size(num_bytes: int) -> str:
     while value >= 1024 and unit < len(units) - 1:
         value, unit = value / 1024, unit + 1
     return f"{num_bytes} B" if unit == 0 else f"{value:.1f} {units[unit]}"
-
-
-def _flatten(options: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
-    for key, value in sorted(options.items()):
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _in_split_order(names: Iterable[str]) -> list[str]:
@@ -77,7 +70,7 @@ def summary_lines(shard_dir: Path, manifest: dict) -> list[str]:
         total = sum(s["bytes"] for s in shards)
         lines.append(f"  {split:<6} {len(shards):>4} shard{'' if len(shards) == 1 else 's'}  {_size(total):>10}")
     lines.append("build options:")
-    lines.extend(f"  {key}: {value!r}" for key, value in _flatten(manifest["options"]))
+    lines.extend(f"  {key}: {value!r}" for key, value in dotted_items(manifest["options"]))
     return lines
 
 
@@ -157,7 +150,9 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
     return lines
 
 
-def _tile(store: ItemStore, item: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> Image.Image:
+def item_tile(store: ItemStore, item: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, caption: str | None = None,
+              outline: str | None = None) -> Image.Image:
+    """An item's image above its caption (default: #index) and the start of its text; `outline`: a frame colour."""
     tile = Image.new("RGB", (TILE_WIDTH, TILE_HEIGHT), "white")
     draw = ImageDraw.Draw(tile)
     area = (TILE_WIDTH - 2 * MARGIN, IMAGE_HEIGHT - MARGIN)
@@ -169,9 +164,11 @@ def _tile(store: ItemStore, item: int, font: ImageFont.ImageFont | ImageFont.Fre
         with Image.open(io.BytesIO(stored[0])) as img:
             thumb = ImageOps.contain(img.convert("RGB"), area)  # small images are scaled up too
         tile.paste(thumb, (MARGIN + (area[0] - thumb.width) // 2, MARGIN + (area[1] - thumb.height) // 2))
-    text_lines = [f"#{item}"] + _wrap(store.text(item), font, TILE_WIDTH - 2 * MARGIN, TEXT_LINES - 1)
+    text_lines = [caption or f"#{item}"] + _wrap(store.text(item), font, TILE_WIDTH - 2 * MARGIN, TEXT_LINES - 1)
     for row, line in enumerate(text_lines):
         draw.text((MARGIN, IMAGE_HEIGHT + row * LINE_HEIGHT), line, fill="black", font=font)
+    if outline:
+        draw.rectangle((0, 0, TILE_WIDTH - 1, TILE_HEIGHT - 1), outline=outline, width=MARGIN)
     return tile
 
 
@@ -184,5 +181,5 @@ def contact_sheet(shard_dir: Path, manifest: dict, k: int, seed: int) -> tuple[I
     sheet = Image.new("RGB", (columns * TILE_WIDTH, rows * TILE_HEIGHT), "white")
     font = ImageFont.load_default()
     for n, item in enumerate(items):
-        sheet.paste(_tile(store, item, font), ((n % columns) * TILE_WIDTH, (n // columns) * TILE_HEIGHT))
+        sheet.paste(item_tile(store, item, font), ((n % columns) * TILE_WIDTH, (n // columns) * TILE_HEIGHT))
     return sheet, items

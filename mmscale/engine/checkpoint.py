@@ -205,9 +205,23 @@ class CheckpointRef:
 
 
 def resolve_source(source: str | Path, log=print) -> CheckpointRef:
-    """What the tools take: a run folder or its checkpoints/ folder (the newest usable tag), or one tag folder
-    (which must be complete and verify)."""
+    """What the tools take: a run folder or its checkpoints/ folder (the newest usable tag), RUN/latest (the same),
+    RUN/best (the tag RUN/best.json names: train.best_metric's best evaluation), or one tag folder (which must be
+    complete and verify)."""
     path = Path(source)
+    if path.name in ("best", "latest") and not path.is_dir() and (path.parent / "checkpoints").is_dir():
+        if path.name == "latest":
+            return resolve_source(path.parent, log)
+        record = path.parent / "best.json"
+        try:
+            tag = json.loads(record.read_text())["tag"]
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: {record} is missing (the run had no train.best_metric, or no evaluation yet)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{record}: not a best-checkpoint record ({e})") from None
+        if not isinstance(tag, str) or not TAG.fullmatch(tag):
+            raise CheckpointError(f"{record}: tag {tag!r} is not a checkpoint tag (stepNNNNNNNN)")
+        return resolve_source(path.parent / "checkpoints" / tag, log)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint tag folder)")
     if not path.is_dir():

@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config
+from .deepspeed_config import runs_as_stage
 
 PRECISIONS = ("bf16", "fp32")
 # Bytes per parameter of each model state, replicated or partitioned by ZeRO stage (below).
@@ -112,6 +113,7 @@ class Plan:
 
 
 def plan(profile: ModelProfile, hardware: Hardware, ranks: int, stage: int, micro_batch: int) -> Plan:
+    stage = runs_as_stage(stage, ranks)  # as the engine runs it (the planner models no offload)
     states = model_state_bytes(profile.parameters, ranks, stage, profile.precision)
     kept = profile.saved_bytes_per_sample - (profile.attention_bytes_per_sample if hardware.flash_attention else 0.0)
     activations = hardware.activation_factor * kept * micro_batch

@@ -34,7 +34,7 @@ from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .distributed import all_reduce_sum, any_rank, barrier, deepspeed, gather, init_distributed
-from .monitor import Monitor
+from .monitor import Monitor, run_log
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,16 +72,19 @@ def warmup_cosine(warmup_steps: int, total_steps: int, start: int = 0, stop: int
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: str | None = None, log=print):
+    def __init__(self, config: Config, resume: str | None = None, log=None):
+        """`log`: where progress messages go (default: stdout and RUN/out.log through the 'mmscale' logger)."""
         self.config = config
         self.dist = init_distributed(config.train.collective_timeout_s)
-        self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.run_dir = Path(config.train.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self._lock_run_dir()
 
         self.shards = ShardSet.open(config.data.shards)  # a missing, foreign or damaged shard folder stops here
         self._check_shards_match()
+        if log is None:  # opened once the folder is known to be this run's: a refused start writes nothing there
+            log = run_log(self.run_dir, self.dist.is_main).info
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.preprocess = build_preprocess(config.encoder)
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         task = build_task(config, self.shards)
@@ -131,7 +134,20 @@ class Trainer:
         if self.content is None and task.content_cache_due(self.step, resumed=True):
             self.cache_content()
         self._record_run(ds_config)
-        self.monitor = Monitor(self.run_dir, self.dist.is_main)
+        # train.peak_tflops known: the encoder's model FLOPs utilisation, from its forward + backward FLOPs per item
+        self.encoder_flops_per_item = self._encoder_flops_per_item() if config.train.peak_tflops > 0 else 0.0
+        self.monitor = Monitor(self.run_dir, self.dist.is_main, config.train.report_to, config.to_dict())
+
+    def _encoder_flops_per_item(self) -> float:
+        """Forward + backward FLOPs the trained encoder spends per item (counted on the meta device); 0 when the
+        encoder does not train (its items cost no backward) or there is none."""
+        from .scale_plan import profile_model
+
+        encoder = self.task.encoder
+        if encoder is None or not any(p.requires_grad for p in encoder.parameters()):
+            return 0.0
+        return float(profile_model(self.config, self.shards.num_users, self.shards.num_items,
+                                   "bf16" if self.bf16 else "fp32").flops_per_sample)
 
     # -- setup --------------------------------------------------------------------------------------
     def _lock_run_dir(self) -> None:
@@ -380,6 +396,13 @@ class Trainer:
             "train/nonfinite_batches_skipped": skipped,
             **{f"lr/{g['name'].split('/')[0]}": g["lr"] for g in self.optimizer.param_groups},
         })
+        scalars["train/epoch"] = self.epoch + self.batch_in_epoch / max(1, self.stream.batches_per_rank())
+        encoder = self.task.encoder
+        if encoder is not None and isinstance(getattr(encoder, "logit_scale", None), torch.Tensor):
+            scalars["train/logit_scale"] = float(encoder.logit_scale.detach().exp().max())  # the contrastive 1/temperature
+        if self.encoder_flops_per_item:
+            achieved = self.encoder_flops_per_item * scalars["perf/items_encoded_per_s"] / world
+            scalars["perf/encoder_mfu"] = achieved / (self.config.train.peak_tflops * 1e12)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)

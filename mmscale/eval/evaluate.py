@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from ..config import EvalConfig
 from ..data.catalogue import catalogue_loader
@@ -60,7 +61,8 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     image = text = has_image = None
     was_training = task.training
     task.eval()
-    for part in catalogue_loader(store, preprocess, _share(n, coll)[0], batch_size, num_workers):
+    parts = catalogue_loader(store, preprocess, _share(n, coll)[0], batch_size, num_workers)
+    for part in tqdm(parts, desc=f"encoding {n} items", unit="batch", leave=False, disable=coll.rank != 0):
         img, txt = task.encode_content(part["images"].to(device), part["text_tokens"].to(device))
         ids = coll.gather(part["item_ids"].to(device))
         if image is None:
@@ -81,7 +83,7 @@ def check_finite_parameters(task, coll: Collectives, device) -> None:
                                   f"from a broken model")
 
 
-def _seen_mask(users: torch.Tensor, history: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
+def seen_mask(users: torch.Tensor, history: torch.Tensor, indptr: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
     """[B, N] True at every item the user interacted with before the target: the training items (seen.npz) and
     the sample's own history, which for a test target also holds the valid item."""
     starts, ends = indptr[users], indptr[users + 1]
@@ -104,7 +106,7 @@ def evaluate(
     device,
     num_workers: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """{split: {"recall@K": ..., "ndcg@K": ..., "samples": n}} over the configured splits."""
+    """{split: {"recall@K", "ndcg@K", "mrr@K", "hit@K", "random_recall@K": ..., "samples": n}} over the configured splits."""
     check_finite_parameters(task, coll, device)
     shards = ShardSet.of(shards)
     was_training = task.training
@@ -133,11 +135,12 @@ def evaluate(
         share = torch.tensor(share)
         weight = (torch.arange(len(share)) < real).to(torch.float64)  # padding repeats count zero
         sums: dict[str, torch.Tensor] = {}
-        for start in range(0, len(share), config.batch_size):
+        starts = range(0, len(share), config.batch_size)
+        for start in tqdm(starts, desc=f"ranking {split}", unit="batch", leave=False, disable=coll.rank != 0):
             rows = share[start : start + config.batch_size]
             users, targets, history = all_users[rows].to(device), all_targets[rows].to(device), all_history[rows].to(device)
             scores = ranking.user_vectors(users, history) @ table.T
-            excluded = _seen_mask(users, history, indptr, seen_items, len(table)) if config.exclude_seen else None
+            excluded = seen_mask(users, history, indptr, seen_items, len(table)) if config.exclude_seen else None
             if split == "cold" and config.cold_candidates == "cold":
                 excluded = warm.expand(len(rows), -1) if excluded is None else excluded | warm
             ranks = target_ranks(scores.float(), targets, excluded)

@@ -22,13 +22,16 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
 
 
 def metric_sums(ranks: torch.Tensor, ks: tuple[int, ...], weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Weighted sums over the samples of Recall@K (hit of the one target) and NDCG@K (1 / log2(rank + 2))."""
+    """Weighted sums over the samples of Recall@K, NDCG@K (1 / log2(rank + 2)), MRR@K (1 / (rank + 1)) and Hit@K.
+
+    With one held-out target per sample, Hit@K (the target is in the top K) equals Recall@K; both are reported
+    because RecBole users compare Hit and others Recall."""
     out = {}
-    gain = 1.0 / torch.log2(ranks.to(torch.float64) + 2.0)
-    if weights is not None:
-        gain = gain * weights
+    ranks = ranks.to(torch.float64)
+    weight = torch.ones_like(ranks) if weights is None else weights
     for k in ks:
-        hit = (ranks < k).to(torch.float64) * (1.0 if weights is None else weights)
-        out[f"recall@{k}"] = hit.sum()
-        out[f"ndcg@{k}"] = (gain * (ranks < k)).sum()
+        hit = (ranks < k) * weight
+        out[f"recall@{k}"] = out[f"hit@{k}"] = hit.sum()
+        out[f"ndcg@{k}"] = (hit / torch.log2(ranks + 2.0)).sum()
+        out[f"mrr@{k}"] = (hit / (ranks + 1.0)).sum()
     return out

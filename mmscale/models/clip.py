@@ -27,6 +27,10 @@ from .pretrained import EFFNET_TIMM_MODEL, MINILM_PACKAGE, cache_dir, effnet_tim
 
 # Parameters that train whatever encoder.trainable_blocks leaves frozen: the projections into the shared space
 # and the contrastive temperature (names as open_clip's CLIP and CustomTextCLIP give them).
+# The file names open_clip's `local-dir:` loader looks for (open_clip.factory): config first, then these weights.
+OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
 _ALWAYS_TRAINED = ("visual.proj", "visual.head.", "text_projection", "text.proj.", "logit_scale", "logit_bias")
 
 
@@ -204,16 +208,22 @@ class CLIPEncoder(ItemEncoder):
         return {k: v.reshape(()) if k in self._was_0d else v for k, v in state.items()}
 
     def export(self) -> EncoderExport:
-        """open_clip's layout; a model that is not one of open_clip's own names comes with its architecture JSON as
-        registered (installed-package towers resolved to this machine's folders, sizes as trained)."""
+        """open_clip's layout as a `local-dir:` model folder: open_clip_model.safetensors with open_clip_config.json
+        (the architecture as trained, installed-package towers resolved to this machine's folders, and the image
+        normalisation) and a Hugging Face text tower's tokenizer files, so open_clip.create_model_and_transforms and
+        open_clip.get_tokenizer("local-dir:OUT") load model, transforms and tokenizer."""
         name = self.architecture.name
-        from_json = name != self.model_name  # an architecture JSON's stem, or a built-in name with other sizes
         mean, std = _image_normalisation(self.architecture)
-        info = {"open_clip": {"model_name": name, **({"architecture_file": f"{name}.json"} if from_json else {}),
-                              **({"image_mean": list(mean), "image_std": list(std)} if mean else {})}}
+        preprocess = {"mean": list(mean), "std": list(std)} if mean else {}
+        folder_config = {"model_cfg": self.architecture.config, "preprocess_cfg": preprocess}
+        files = {OPEN_CLIP_CONFIG: json.dumps(folder_config, indent=2).encode()}
+        tokenizer = self.architecture.config["text_cfg"].get("hf_tokenizer_name")
+        if tokenizer:  # open_clip reads a local-dir model's Hugging Face tokenizer from the folder itself
+            files.update({name: (Path(tokenizer) / name).read_bytes() for name in HF_TOKENIZER_FILES if (Path(tokenizer) / name).is_file()})
         return EncoderExport(
-            filename="encoder_open_clip.safetensors", state=self.open_clip_state_dict(),
-            what=f"the item encoder as an open_clip state dict: open_clip.create_model('{name}', pretrained=<this file>)",
-            info=info,
-            files={f"{name}.json": json.dumps(self.architecture.config, indent=2).encode()} if from_json else {},
+            filename=OPEN_CLIP_WEIGHTS, state=self.open_clip_state_dict(),
+            what=f"the item encoder as an open_clip state dict (model {name!r}): "
+                 f"open_clip.create_model_and_transforms('local-dir:<this folder>')",
+            info={"open_clip": {"model_name": name, "config_file": OPEN_CLIP_CONFIG, **preprocess}},
+            files=files,
         )

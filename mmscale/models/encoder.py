@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 class EncoderExport:
     """An encoder's weights in the layout of the library users load it with, for consolidation."""
 
-    filename: str  # e.g. encoder_open_clip.safetensors
+    filename: str  # e.g. open_clip_model.safetensors
     state: dict[str, torch.Tensor]
     what: str  # how to load it, for consolidated.json
     info: dict = field(default_factory=dict)  # e.g. the open_clip model name
-    files: dict[str, bytes] = field(default_factory=dict)  # name -> content of a file beside it (an architecture JSON)
+    files: dict[str, bytes] = field(default_factory=dict)  # name -> content of a file beside it (e.g. open_clip_config.json)
 
 
 class ItemEncoder(nn.Module, ABC):
