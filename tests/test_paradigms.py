@@ -31,10 +31,11 @@ def train(world_shards: Path, run_dir: Path, *overrides: str) -> list[dict]:
 
 
 def weights(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    from mmscale.engine.distributed import deepspeed  # noqa: F401  (selects the CPU accelerator first)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The tag's fp32 weights, whatever ZeRO stage ran (one rank runs ZeRO-2 as stage 0), through the tools' loader."""
+    from mmscale.engine.checkpoint import resolve_source
+    from mmscale.engine.restore import consolidated_state_dict
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    return consolidated_state_dict(resolve_source(run_dir / "checkpoints" / tag))
 
 
 def changed(a: dict, b: dict, prefix: str) -> bool:
