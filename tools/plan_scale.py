@@ -175,6 +175,15 @@ def measure_devices(profile: ModelProfile, model: str, batch: int, ranks: int, r
     return flops, 2 * (ranks - 1) / ranks * mib * 2**20 / statistics.median(found["all_reduce_s"]) / 1e9
 
 
+def zero_buckets(stage: int) -> float:
+    """Bytes of ZeRO-1/2's fp32 gradient buckets under ds_configs/zeroK.json: two of reduce_bucket_size with
+    overlap_comm (DeepSpeed's double buffer), one without."""
+    if stage not in (1, 2):
+        return 0.0
+    zero = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())["zero_optimization"]
+    return (2 if zero.get("overlap_comm") else 1) * float(zero.get("reduce_bucket_size", 5e8)) * 4
+
+
 def validate(args) -> None:
     from mmscale.bench import JOINT, Throughput, run_mmscale
     from mmscale.config import load_config
@@ -207,7 +216,7 @@ def validate(args) -> None:
     training_flops = profile.flops_per_sample * rate
     utilisation = training_flops / device_alone
     one_rank = Hardware(memory_gib=0, flops=training_flops, intra_node_gbps=1, inter_node_gbps=1, ranks_per_node=cores, runtime_gib=0,
-                        optimizer_temporary_bytes=8)
+                        optimizer_temporary_bytes=8, optimizer_per_tensor=True, zero_bucket_bytes=zero_buckets(args.zero_stage))
     runtime_gib = (memory - plan(profile, one_rank, 1, args.zero_stage, batch).memory) / GIB
     print(f"fitted: training achieves {training_flops / 1e9:.1f} GFLOP/s ({rate:.2f} samples/s), {utilisation:.0%} of the rate of a "
           f"lone rank's bare forward and backward ({device_alone / 1e9:.1f} GFLOP/s); runtime {runtime_gib:.2f} GiB", flush=True)

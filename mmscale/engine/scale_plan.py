@@ -83,7 +83,13 @@ class Hardware:
     comm_overlap: float = 0.0  # fraction of the backward pass that hides communication
     # torch's AdamW step needs temporaries the size of what it steps: on GPUs its foreach path one fp32
     # tensor (sqrt(v), then divided and offset in place); on CPU tensors its per-tensor path two at once.
+    # ZeRO-1/2/3 hand it the rank's partition as one flat tensor; stage 0 the model's own tensors, all at once
+    # on GPUs (foreach) but one at a time on CPU (`optimizer_per_tensor`: temporaries negligible).
     optimizer_temporary_bytes: int = 4
+    optimizer_per_tensor: bool = False
+    # ZeRO-1/2's gradient buckets (with overlap_comm, two of reduce_bucket_size elements); one rank runs neither
+    # (stage 0). 0: counted in runtime_gib.
+    zero_bucket_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -117,9 +123,10 @@ def plan(profile: ModelProfile, hardware: Hardware, ranks: int, stage: int, micr
     states = model_state_bytes(profile.parameters, ranks, stage, profile.precision)
     kept = profile.saved_bytes_per_sample - (profile.attention_bytes_per_sample if hardware.flash_attention else 0.0)
     activations = hardware.activation_factor * kept * micro_batch
-    # ZeRO hands the optimizer the rank's flattened partition (stage >= 1): its temporaries are that size.
-    optimizer_step = hardware.optimizer_temporary_bytes * profile.parameters / (ranks if stage >= 1 else 1)
-    runtime = hardware.runtime_gib * 2**30
+    # ZeRO hands the optimizer the rank's flattened partition (stage >= 1): its temporaries are that size (Hardware).
+    stepped_at_once = profile.parameters / ranks if stage >= 1 else (0 if hardware.optimizer_per_tensor else profile.parameters)
+    optimizer_step = hardware.optimizer_temporary_bytes * stepped_at_once
+    runtime = hardware.runtime_gib * 2**30 + (hardware.zero_bucket_bytes if stage in (1, 2) else 0.0)
     # The losses gather each rank's user, item, image and text vectors (forward) and reduce their gradients.
     embeddings = 2 * 4 * (ranks - 1) * micro_batch * profile.embed_dim * STATE_BYTES[profile.precision]["parameters"]
     communication = gradient_communication_bytes(profile.parameters, ranks, stage, profile.precision) + embeddings
