@@ -152,7 +152,7 @@ def compare(args, work: Path, peer: Path | None) -> tuple[Throughput, Throughput
 def print_throughput(args, clip: Throughput, peer: Throughput | None, joint: Throughput) -> None:
     setting = (f"model {args.model}, batch {args.batch_size}/rank x {args.ranks} rank(s), fp32, workers {args.workers}, "
                f"{args.steps} steps after {args.warmup} in windows of {args.window}, x {args.repeats}, "
-               f"mmscale ZeRO-{args.zero_stage}, OMP_NUM_THREADS {rank_env(args.ranks)['OMP_NUM_THREADS']}")
+               f"mmscale {zero_label(args.zero_stage, args.ranks)}, OMP_NUM_THREADS {rank_env(args.ranks)['OMP_NUM_THREADS']}")
     print(f"\n== CLIP contrastive alone, same shards: {setting}")
     print(throughput_header())
     print(throughput_row("mmscale {rec:0, itc:1}", clip))
@@ -163,6 +163,13 @@ def print_throughput(args, clip: Throughput, peer: Throughput | None, joint: Thr
     print(throughput_row("itc alone", clip))
     print(throughput_row("rec + itc", joint))
     print(f"step cost, joint / CLIP alone: {clip.median / joint.median:.2f}x (medians), {clip.best / joint.best:.2f}x (best windows)")
+
+
+def zero_label(stage: int, ranks: int) -> str:
+    from mmscale.engine.deepspeed_config import runs_as_stage
+
+    runs = runs_as_stage(stage, ranks)
+    return f"ZeRO-{stage}" if runs == stage else f"ZeRO-{stage} config (run as stage {runs}: one rank)"
 
 
 def model_states(precision: str, stage: int, psi: int, ranks: int) -> float:
@@ -220,7 +227,7 @@ def vlmo_section(args, work: Path) -> None:
                                           model=model, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
                                           window=args.window, watch_memory=True, encoder=encoder))
     print(f"\n== VLMo against CLIP at equal width and depth: joint objective (rec + itc), batch {args.batch_size}/rank x "
-          f"{args.ranks} rank(s), fp32, ZeRO-{args.zero_stage}")
+          f"{args.ranks} rank(s), fp32, {zero_label(args.zero_stage, args.ranks)}")
     print(throughput_header() + f" {'params':>9} {'RSS MiB':>8}")
     speed = {name: Throughput.of(r) for name, r in runs.items()}
     for name, r in runs.items():

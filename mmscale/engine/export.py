@@ -169,15 +169,21 @@ def load_export(folder: str | Path, shards: str | Path | None = None) -> Ranking
         raise ExportError(f"{index_file}: not an export index ({e})") from None
 
     def checked(name: str) -> Path:
-        path = folder / name
-        if name not in files or not path.is_file():
+        path, entry = folder / name, files.get(name) if isinstance(files, dict) else None
+        if not isinstance(entry, dict) or not path.is_file():
             raise ExportError(f"{path}: missing (consolidate again with this version of mmscale)")
-        if file_sha256(path) != files[name].get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             raise ExportError(f"{path}: its sha256 differs from {index_file.name}'s: the file was altered or damaged")
         return path
 
-    items = load_file(str(checked("item_embeddings.safetensors")))["item_embeddings"]
-    users = load_file(str(checked("user_embeddings.safetensors")))
+    def tensors(name: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        found = load_file(str(checked(name)))
+        if set(keys) - set(found):
+            raise ExportError(f"{folder / name}: holds {sorted(found)}, not {list(keys)}")
+        return found
+
+    items = tensors("item_embeddings.safetensors", ("item_embeddings",))["item_embeddings"]
+    users = tensors("user_embeddings.safetensors", ("user_embeddings", "users"))
     index = read_index(checked("items.faiss"))
     shard_set = ShardSet.open(shards or record["shards"])
     if shard_set.num_items != len(items) or index.ntotal != len(items):
