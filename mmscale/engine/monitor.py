@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -46,23 +48,18 @@ class Monitor:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         ids_file = run_dir / "trackers.json"
-        ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+        ids = _tracker_ids(ids_file)
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if "wandb" in report_to:
-            import os
-            import secrets
-
             import wandb
 
             ids.setdefault("wandb", secrets.token_hex(4))
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmscale"), name=run_dir.name, id=ids["wandb"],
                                     resume="allow", dir=str(run_dir), config=config)
         if "mlflow" in report_to:
-            import os
-
             import mlflow
 
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "mmscale"))
@@ -101,3 +98,12 @@ class Monitor:
 
             mlflow.end_run()
 
+
+
+def _tracker_ids(path: Path) -> dict[str, str]:
+    """RUN/trackers.json's run ids; an unreadable file starts new tracker runs rather than stopping training."""
+    try:
+        ids = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
