@@ -404,6 +404,8 @@ def test_recommendations_from_export_and_run_agree_and_damage_is_named(runs, sha
     import io
     from contextlib import redirect_stdout
 
+    import torch
+
     from mmscale.engine.export import ExportError, load_export
 
     r = runs("zero2-1rank")
@@ -426,6 +428,17 @@ def test_recommendations_from_export_and_run_agree_and_damage_is_named(runs, sha
     data[-1] ^= 0xFF
     (damaged / "items.faiss").write_bytes(bytes(data))
     with pytest.raises(ExportError, match="items.faiss: its sha256 differs"):
+        load_export(damaged, shards)
+    # a tensor file of other names, its hash made to match: named, not a KeyError
+    from mmscale.data.format import file_sha256
+    from mmscale.engine.export import save_safetensors
+
+    shutil.copyfile(r["export"] / "items.faiss", damaged / "items.faiss")
+    save_safetensors({"something_else": torch.zeros(2)}, damaged / "user_embeddings.safetensors")
+    record = json.loads((damaged / "consolidated.json").read_text())
+    record["files"]["user_embeddings.safetensors"]["sha256"] = file_sha256(damaged / "user_embeddings.safetensors")
+    (damaged / "consolidated.json").write_text(json.dumps(record))
+    with pytest.raises(ExportError, match=r"user_embeddings.safetensors: holds \['something_else'\]"):
         load_export(damaged, shards)
     (damaged / "consolidated.json").unlink()
     with pytest.raises(ExportError, match="not an export folder"):

@@ -78,3 +78,13 @@ def check_trackers(run_dir: Path, mlruns: Path, scores: dict[int, float]) -> Non
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     log = (run_dir / "out.log").read_text()
     assert log.count("| INFO |") >= 2 and f"step {max(scores)}: early stop" in log
+
+
+def test_an_unreadable_trackers_file_starts_new_tracker_runs(tmp_path):
+    from mmscale.engine.monitor import _tracker_ids
+
+    path = tmp_path / "trackers.json"
+    for broken in ("{not json", "[1, 2]", '{"wandb": 5, "mlflow": "abc"}'):
+        path.write_text(broken)
+        assert _tracker_ids(path) == ({"mlflow": "abc"} if "mlflow" in broken else {})
+    assert _tracker_ids(tmp_path / "missing.json") == {}
