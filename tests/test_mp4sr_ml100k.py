@@ -88,8 +88,15 @@ def test_recommendations_from_the_export(trained, shards_with_features):
     excluded = excluded_items(tables.shards, samples, rows)
     exact_scores, exact = top_k(tables.user_vectors, tables.items, 10, excluded)
     scores, found = index_top_k(tables.index, tables.user_vectors, 10, excluded)
-    assert torch.equal(found, exact)
     torch.testing.assert_close(scores, exact_scores, rtol=1e-5, atol=1e-5)
+    assert not excluded.gather(1, found).any()
+    # FAISS and torch sum in different orders, so two items within the last bits of each other may swap places;
+    # every place must still hold an item scoring as the brute-force one does there (in float64), and swaps stay rare
+    reference = tables.user_vectors.double() @ tables.items.double().T
+    torch.testing.assert_close(reference.gather(1, found), reference.gather(1, exact), rtol=0, atol=1e-5)
+    same = (found == exact).all(1).double().mean().item()
+    print(f"index top 10 identical to brute force for {same:.1%} of users")
+    assert same > 0.99
 
     ranks = target_ranks(tables.user_vectors @ tables.items.T, samples.targets, excluded)
     logged = [json.loads(line) for line in (root / "finetune" / "metrics.jsonl").read_text().splitlines()]
@@ -109,7 +116,7 @@ def test_recommendations_from_the_export(trained, shards_with_features):
     item_ids = json.loads((shards_with_features / "item_ids.json").read_text())
     assert [u["user"] for u in shown] == [str(user_ids[0]), str(user_ids[5])]
     for user, position in zip(shown, (0, 5)):
-        assert [r["item"] for r in user["recommended"]] == [item_ids[i] for i in exact[position].tolist()]
+        assert [r["item"] for r in user["recommended"]] == [item_ids[i] for i in found[position].tolist()]
         assert user["held_out"] == item_ids[int(samples.targets[position])]
     with Image.open(sheet) as img:
         assert img.height >= 2 * 200 and img.width > 10 * 150

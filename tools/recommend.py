@@ -10,7 +10,8 @@ computed in memory, ranked by brute force). A user's vector is the one evaluatio
 test item with: over the history before it. Items the user interacted with before are never recommended;
 the held-out item is marked where it was recommended ("<- held out"; green on the sheet).
 
---exact ranks by brute force even when the export has an index (an exact flat index gives the same list).
+--exact ranks by brute force even when the export has an index (an exact flat index gives the same
+list, up to near-ties within float32 rounding that may swap places).
 --contact-sheet draws, per user, the history (posters, most recent first) and the top-K.
 Exit status 2: not an export or run, a damaged file, an unknown user id.
 """
