@@ -29,6 +29,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     history_content: bool = False  # decode history items' images/text (else ids only)
     seed: int = 0
+    # Logical streams of the training order (0: one per rank when the run starts). The order depends on them, not on
+    # the world size: one process with streams=64 reads a 64-rank run's global batches. A resume keeps the run's own.
+    streams: int = 0
 
 
 @dataclass
@@ -407,6 +410,7 @@ def validate(config: Config) -> None:
         "train.peak_tflops": config.train.peak_tflops,
         "data.num_workers": config.data.num_workers,
         "data.shuffle_buffer": config.data.shuffle_buffer,
+        "data.streams": config.data.streams,
         **{f"objectives.weights.{name}": w for name, w in config.objectives.weights.items()},
     }
     for key, value in not_negative.items():

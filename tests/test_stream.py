@@ -168,6 +168,49 @@ def test_resume_through_dataloader_continues_the_same_batches(stream_shards, tin
     assert order(make_loader(s, num_workers=2)) != order(full)
 
 
+def global_order(shards, preprocess, world: int, batch_size: int, workers: int, start_batch: int = 0, **kw) -> list:
+    """(user, target) of each global micro-batch of an epoch, from `world` ranks' loaders joined place by place."""
+    per_rank = []
+    for rank in range(world):
+        s = stream(shards, preprocess, batch_size=batch_size, rank=rank, world_size=world, shuffle_buffer=50, **kw)
+        s.set_epoch(1, start_batch)
+        per_rank.append(order(make_loader(s, num_workers=workers)))
+    return [sum(places, []) for places in zip(*per_rank, strict=True)]
+
+
+def test_the_training_order_is_the_same_on_any_world_size_and_worker_count(stream_shards, tiny_preprocess):
+    """Two streams of 8: 2 ranks x 8, one process x 16 and 4 ranks x 4 (each reading half a stream) read the same
+    global micro-batches, with any number of workers, and a resume at step k on another world size continues them."""
+    two = global_order(stream_shards, tiny_preprocess, 2, 8, 2)
+    assert len(two) == 300 // 16 and all(len(b) == 16 for b in two)
+    assert len(set(chain.from_iterable(two))) > 100  # drawn from across the split
+    assert global_order(stream_shards, tiny_preprocess, 1, 16, 0, streams=2) == two
+    assert global_order(stream_shards, tiny_preprocess, 4, 4, 3, streams=2) == two
+    for world, batch, workers in ((1, 16, 2), (4, 4, 1)):
+        assert global_order(stream_shards, tiny_preprocess, world, batch, workers, start_batch=7, streams=2) == two[7:]
+    # the streams are the order: one stream of 16 is another order
+    assert global_order(stream_shards, tiny_preprocess, 1, 16, 0) != two
+    with pytest.raises(ValueError, match="does not split into 3 streams"):
+        stream(stream_shards, tiny_preprocess, batch_size=8, world_size=2, streams=3)
+
+
+def test_a_corrupt_sample_is_counted_once_whatever_reads_its_stream(shards_copy, tiny_preprocess):
+    manifest = load_manifest(shards_copy)
+    for shard in manifest["shards"]["train"][:3]:
+        rewrite_tar(shards_copy / shard["path"], lambda i, name, data: b"garbage" if name.endswith(".json") and i % 5 == 0 else None)
+
+    def corrupt(world: int, batch_size: int, workers: int) -> int:
+        total = 0
+        for rank in range(world):
+            s = stream(shards_copy, tiny_preprocess, batch_size=batch_size, rank=rank, world_size=world, streams=2, shuffle_buffer=0)
+            total += sum(int(b.corrupt_samples) for w in range(workers) for b in s.batches(w, workers))
+        return total
+
+    once = corrupt(2, 8, 1)
+    assert once > 0, "a damaged shard was drawn"
+    assert corrupt(2, 8, 3) == once and corrupt(4, 4, 2) == once
+
+
 # -- batch contents -------------------------------------------------------------------------------
 def expected_pixels(store: ItemStore, item: int, preprocess) -> torch.Tensor:
     data, _ = store.image(item)
@@ -307,10 +350,9 @@ def test_corrupt_samples_at_the_end_of_a_stream_are_still_counted(shards_copy, s
 
 def test_resampled_keeps_whole_batches_when_a_shard_is_corrupt(shards_copy, split_tuples, shard_reader, tiny_preprocess):
     """Training ranks must stay in step: a corrupt sample is skipped, not a hole in the batch count."""
-    manifest = load_manifest(shards_copy)
-    path = shards_copy / manifest["shards"]["train"][0]["path"]
-    rewrite_tar(path, lambda i, name, data: b"garbage" if name.endswith(".json") else None)
     s = stream(shards_copy, tiny_preprocess, batch_size=4, shuffle_buffer=0)
+    first_drawn = next(s._shards(0, 1))["url"]
+    rewrite_tar(Path(first_drawn), lambda i, name, data: b"garbage" if name.endswith(".json") else None)
     batches = list(s.batches())
     assert sum(int(b.corrupt_samples) for b in batches) > 0, "the corrupt shard was drawn"
     assert len(batches) == s.batches_per_rank()

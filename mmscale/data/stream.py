@@ -1,17 +1,21 @@
 """The WebDataset stream: shards -> per-(rank, worker) samples -> shuffled raw batches -> Batch.
 
 Order of stages and why:
-  1. shard selection for this rank and worker (explicit rank/world, so tests can simulate many);
+  1. shard selection (explicit rank/world, so tests can simulate many);
   2. tar -> raw samples (bytes only, nothing decoded yet);
-  3. seeded shuffle buffer: the order is a function of (seed, epoch, rank, worker) alone;
+  3. seeded shuffle buffer;
   4. batching raw samples, then skipping batches already consumed (resume is cheap: no decode);
   5. decoding each *unique* item of a batch once (targets from the sample, history items from
      the item store), transforming images and tokenising texts.
 
 Two modes:
-  * resampled (training): each worker draws shards with replacement and yields a fixed number
-    of whole batches, so every rank gets the same count even when shards don't divide evenly.
-    An epoch is floor(samples / (world * batch)) batches per rank, from the manifest.
+  * resampled (training): the global micro-batch of step t is the concatenation of the t-th batches
+    of `streams` logical streams, each drawing shards with replacement through its own seeded shuffle;
+    rank r takes places [r * batch, (r + 1) * batch) of it. The order is a function of (seed, epoch,
+    streams) alone, so 1, N or M ranks (and any number of loader workers) read the same global batches:
+    a run resumed on another world size continues the order it started. With streams = ranks (the
+    default) each rank reads one stream; otherwise the few it overlaps. An epoch is
+    floor(samples / global micro-batch) steps, from the manifest.
   * exact (evaluation): shards are dealt round-robin to (rank, worker); every sample is seen once;
     the last batch of a worker may be partial.
 """
@@ -22,7 +26,7 @@ import io
 import json
 import random
 from dataclasses import dataclass, fields
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Iterator
 
@@ -88,11 +92,18 @@ class InteractionStream(IterableDataset):
         seed: int = 0,
         history_content: bool = True,
         content: bool = True,
+        streams: int = 0,
     ):
+        """`streams`: the logical streams of the training order (0: one per rank); world_size x batch_size must be a
+        multiple of it."""
         self.shards = ShardSet.of(shards)
         self.shard_dir = self.shards.path
         self.split, self.batch_size, self.preprocess = split, batch_size, preprocess
         self.rank, self.world_size = rank, world_size
+        self.streams = streams or world_size
+        if resampled and (world_size * batch_size) % self.streams:
+            raise ValueError(f"a global micro-batch of {world_size} ranks x {batch_size} does not split into {self.streams} streams")
+        self.stream_batch = world_size * batch_size // self.streams
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
         self.wants_history_content = history_content
         self.content = content  # False: ids only, nothing decoded (evaluation, cached features)
@@ -131,9 +142,10 @@ class InteractionStream(IterableDataset):
         return random.Random("-".join(str(p) for p in (self.seed, self.epoch, *parts)))
 
     def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """Shard urls for this (rank, worker); each is checked against the dataset the run started on."""
+        """Shard urls for logical stream `worker` (resampled) or this (rank, worker) (exact); each is checked against
+        the dataset the run started on."""
         if self.resampled:
-            rng = self._rng("shards", self.rank, worker)
+            rng = self._rng("shards", worker)
             while True:
                 self.shards.check_unchanged()
                 self._shards_since_sample += 1
@@ -167,21 +179,47 @@ class InteractionStream(IterableDataset):
             self._shards_since_sample = 0
             yield sample
 
-    def raw_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[dict]]:
-        """Undecoded batches for one (logical) worker of this rank."""
+    def _pipeline(self, source: int, num_sources: int, batch_size: int) -> Iterator[list[dict]]:
+        """Raw batches of one logical stream (resampled) or of one (rank, worker)'s shards (exact)."""
         pipeline = wds.DataPipeline(
-            lambda: self._shards(worker, num_workers),
+            lambda: self._shards(source, num_sources),
             wds.tarfile_to_samples(handler=self._count_corrupt),
             self._parse_headers,
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=self._rng("samples", self.rank, worker))
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                        rng=self._rng("samples", source) if self.resampled else self._rng("samples", self.rank, source))
             if self.shuffle_buffer > 1
             else (lambda src: src),
-            wds.batched(self.batch_size, collation_fn=list, partial=not self.resampled),
+            wds.batched(batch_size, collation_fn=list, partial=not self.resampled),
         )
-        batches = iter(pipeline)
-        if self.resampled:
-            batches = islice(batches, worker_batch_counts(self.batches_per_rank(), num_workers)[worker])
-        return batches
+        return iter(pipeline)
+
+    def raw_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[dict]]:
+        """Undecoded batches for one (logical) worker of this rank: in resampled mode, this rank's places of global
+        micro-batches worker, worker + num_workers, ..."""
+        if not self.resampled:
+            return self._pipeline(worker, num_workers, self.batch_size)
+        return islice(self._rank_share(worker, num_workers), worker_batch_counts(self.batches_per_rank(), num_workers)[worker])
+
+    def _rank_share(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
+        first, size = self.rank * self.batch_size, self.stream_batch
+        streams = range(first // size, (first + self.batch_size - 1) // size + 1)
+        pipelines = [self._pipeline(s, self.streams, size) for s in streams]
+        # Every worker reads its streams whole and keeps its own steps: raw reading is cheap, decoding is not. A corrupt
+        # sample is counted once: by the worker whose step it precedes, on the rank that holds its stream's first place.
+        counts = [first <= s * size < first + self.batch_size for s in streams]
+        for step in count():
+            mine, parts = step % num_workers == worker, []
+            for pipeline, counted in zip(pipelines, counts):
+                before = self._corrupt
+                part = next(pipeline, None)
+                if part is None:
+                    return
+                if not (mine and counted):
+                    self._corrupt = before
+                parts.append(part)
+            if mine:
+                offset = first - streams[0] * size
+                yield [sample for part in parts for sample in part][offset : offset + self.batch_size]
 
     def batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
         """Decoded batches of one logical worker, after skipping those consumed before a resume."""

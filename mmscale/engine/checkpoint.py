@@ -3,6 +3,9 @@
 run_dir/checkpoints/step00000100/   DeepSpeed's files (any ZeRO stage) + client state
                     step00000100/rng_rank00000.safetensors   each rank's random states (torch, CUDA, numpy, Python)
                     step00000100/content_cache.safetensors   the catalogue content the task had cached, if any
+                    step00000100/train_state.json   world size, batch, data streams and ZeRO stage it was saved with
+                    step00000100/universal/   DeepSpeed's universal checkpoint of the tag, written when it resumes on
+                                              another world size or ZeRO stage
                     step00000100/COMPLETE   written by rank 0 after a barrier
 run_dir/checkpoints/latest          the newest complete tag, replaced atomically
 
@@ -121,6 +124,10 @@ def verify_tag(tag_dir: Path) -> None:
     files = sorted(Path(tag_dir).glob("*.pt"))
     if not files:
         raise DamagedCheckpointError(f"{tag_dir}: no DeepSpeed state files (*.pt)")
+    verify_files(files)
+
+
+def verify_files(files) -> None:
     for path in files:
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -315,3 +322,54 @@ def load_content_cache(tag_dir: Path, device) -> tuple[torch.Tensor, torch.Tenso
         return None
     tensors = load_file(str(path), device=str(device))
     return tensors["image"], tensors["text"], tensors["has_image"]
+
+
+# -- resuming on another world size or ZeRO stage ------------------------------------------------------------
+TRAIN_STATE = "train_state.json"
+UNIVERSAL = "universal"
+
+
+def write_train_state(tag_dir: Path, state: dict) -> None:
+    (Path(tag_dir) / TRAIN_STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def read_train_state(tag_dir: Path) -> dict | None:
+    """What the tag was saved with ({world_size, batch_size, grad_accum, streams, zero_stage}); None for a tag
+    written before it was recorded."""
+    path = Path(tag_dir) / TRAIN_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        keys = ("world_size", "batch_size", "grad_accum", "streams", "zero_stage")
+        if not all(isinstance(state[k], int) and state[k] >= 0 for k in keys) or min(state[k] for k in keys[:4]) < 1:
+            raise ValueError(f"{', '.join(keys)} must be positive integers")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a training-state record ({e})") from None
+    return state
+
+
+def universal_checkpoint(tag_dir: Path, log=print) -> Path:
+    """The tag as DeepSpeed's universal checkpoint (every parameter's fp32 value and optimizer moments whole, in
+    tag_dir/universal), converted once by DeepSpeed's ds_to_universal and reused; its files are checked as the tag's.
+    Only ZeRO tags (stage >= 1) convert: a stage-0 tag holds no ZeRO optimizer files."""
+    out = Path(tag_dir) / UNIVERSAL
+    if not (out / COMPLETE).is_file():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = Path(tag_dir) / (UNIVERSAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"converting {tag_dir} to a universal checkpoint ({out})")
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with safe_loading(), contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints; ours says it once
+            ds_to_universal(args)
+        (tmp / COMPLETE).write_text("universal\n")
+        shutil.rmtree(out, ignore_errors=True)  # a conversion cut short before
+        os.replace(tmp, out)
+    verify_files(sorted(out.rglob("*.pt")))
+    return out

@@ -3,7 +3,8 @@
 The JSON holds ZeRO stage, buckets and offload only. Batch sizes, clipping and precision
 come from the mmscale config and are injected; a JSON that says otherwise is an error.
 The optimizer and scheduler are built by mmscale (separate learning rates per part).
-On one rank, ZeRO-1 and ZeRO-2 without offload run as stage 0: there is nothing to partition.
+On one rank, ZeRO-1 and ZeRO-2 without offload run as stage 0: there is nothing to partition (unless the run
+resumes from a universal checkpoint, which only ZeRO stages load).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from ..config import Config, ConfigError
 
 
-def build_deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
+def build_deepspeed_config(config: Config, world_size: int, bf16: bool, load_universal: bool = False) -> dict:
+    """`load_universal`: the run resumes from a universal checkpoint (another world size or stage): DeepSpeed loads it
+    into the configured ZeRO stage, which then runs as configured on one rank too."""
     path = Path(config.train.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config: {path} does not exist")
@@ -51,7 +54,9 @@ def build_deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
             raise ConfigError(f"{path}: {key}.enabled={enabled} contradicts train.precision ({'bf16' if bf16 else 'fp32'} here)")
         ds[key] = {**ds.get(key, {}), "enabled": wanted}
     ds.setdefault("steps_per_print", 10**9)  # mmscale logs; DeepSpeed's own prints stay quiet
-    if runs_as_stage(stage, world_size, offloads_optimizer(ds)) != stage:
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    elif runs_as_stage(stage, world_size, offloads_optimizer(ds)) != stage:
         ds["zero_optimization"] = {"stage": 0}
     return ds
 

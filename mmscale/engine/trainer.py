@@ -91,16 +91,27 @@ class Trainer:
 
         cuda = self.dist.device.type == "cuda"
         self.bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
-        ds_config = build_deepspeed_config(config, self.dist.world_size, self.bf16)
+        found = checkpoint.resolve_resume(resume, self.run_dir, self.log)
+        saved = checkpoint.read_train_state(found[0] / found[1]) if found else None
+        planned = zero_stage(build_deepspeed_config(config, self.dist.world_size, self.bf16))
+        self.resharded = saved is not None and (saved["world_size"], saved["zero_stage"]) != (self.dist.world_size, planned)
+        if self.resharded:
+            self._check_reshard(found[0] / found[1], saved)
+        ds_config = build_deepspeed_config(config, self.dist.world_size, self.bf16, load_universal=self.resharded)
         self.global_batch = config.data.batch_size * config.optim.grad_accum * self.dist.world_size
         scale = self.global_batch / config.optim.lr_scaling_batch if config.optim.lr_scaling_batch > 0 else 1.0
         self.lrs = {"encoder": config.optim.lr_encoder * scale, "recommender": config.optim.lr_recommender * scale}
 
+        streams = saved["streams"] if saved else config.data.streams or self.dist.world_size  # a resume keeps its order
+        if (self.dist.world_size * config.data.batch_size) % streams:
+            raise ConfigError(f"data.streams: the global micro-batch ({self.dist.world_size} ranks x data.batch_size "
+                              f"{config.data.batch_size}) must split into whole batches of the run's {streams} streams")
         self.stream = InteractionStream(
             self.shards, "train", config.data.batch_size, self.preprocess,
             rank=self.dist.rank, world_size=self.dist.world_size, resampled=True,
             shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed,
             history_content=config.data.history_content, content=task.needs_content,
+            streams=streams,
         )
         self.steps_per_epoch = self.stream.batches_per_rank() // config.optim.grad_accum
         if self.steps_per_epoch == 0:
@@ -126,7 +137,6 @@ class Trainer:
         self.best: dict | None = None
         self.evals_since_best = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint this process saved or resumed from
-        found = checkpoint.resolve_resume(resume, self.run_dir, self.log)
         if found is not None:
             self._load(*found)
         elif resume == "latest":
@@ -172,6 +182,27 @@ class Trainer:
         if before is not None and before != self.shards.manifest_sha256:
             raise ConfigError(f"data.shards: {self.shards.path} is not the dataset run {self.run_dir} was trained on (manifest "
                               f"sha256 {self.shards.manifest_sha256[:12]}..., the run's {before[:12]}...); train on it in a new train.run_dir")
+
+    def _check_reshard(self, tag_dir: Path, saved: dict) -> None:
+        """A checkpoint resumes on another world size or ZeRO stage through DeepSpeed's universal checkpoint, with the
+        global micro-batch it was saved with: the same data order, in-batch negatives and learning rates."""
+        world, cfg = self.dist.world_size, self.config
+        if saved["zero_stage"] == 0:
+            raise ConfigError(f"--resume {tag_dir}: saved by {saved['world_size']} rank(s) as ZeRO stage 0 (one rank runs ZeRO-1/2 so), "
+                              f"which has no ZeRO optimizer files to convert; resume it on {saved['world_size']} rank(s) with the same "
+                              f"train.deepspeed_config")
+        if zero_stage(build_deepspeed_config(cfg, world, self.bf16, load_universal=True)) == 0:
+            raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config} is ZeRO stage 0; resuming {tag_dir} (saved on "
+                              f"{saved['world_size']} ranks, ZeRO-{saved['zero_stage']}) on {world} needs ZeRO-1, 2 or 3")
+        global_micro = saved["world_size"] * saved["batch_size"]
+        if world * cfg.data.batch_size != global_micro:
+            fits = f"data.batch_size={global_micro // world}" if global_micro % world == 0 else f"a world size dividing {global_micro}"
+            raise ConfigError(f"data.batch_size: {tag_dir} was saved by {saved['world_size']} ranks x data.batch_size {saved['batch_size']}; "
+                              f"on {world} ranks its global micro-batch of {global_micro} needs {fits}")
+        if cfg.optim.grad_accum != saved["grad_accum"]:
+            raise ConfigError(f"optim.grad_accum: {tag_dir} was saved with optim.grad_accum={saved['grad_accum']}, not {cfg.optim.grad_accum}")
+        self.log(f"resuming {tag_dir} (saved on {saved['world_size']} ranks, ZeRO-{saved['zero_stage']}) on {world} ranks: "
+                 f"data.batch_size {cfg.data.batch_size}, the same {global_micro}-sample micro-batches")
 
     def _optimizer(self, task, ds_config: dict) -> torch.optim.Optimizer:
         groups = []
@@ -424,8 +455,12 @@ class Trainer:
         try:
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client, save_latest=False)
             checkpoint.save_rng_state(self.checkpoint_dir / tag, self.dist.rank)
-            if self.content is not None and self.dist.is_main:
-                checkpoint.save_content_cache(self.checkpoint_dir / tag, self.content)
+            if self.dist.is_main:
+                checkpoint.write_train_state(self.checkpoint_dir / tag, {
+                    "world_size": self.dist.world_size, "batch_size": self.config.data.batch_size,
+                    "grad_accum": self.config.optim.grad_accum, "streams": self.stream.streams, "zero_stage": self.zero_stage})
+                if self.content is not None:
+                    checkpoint.save_content_cache(self.checkpoint_dir / tag, self.content)
         except (OSError, RuntimeError) as e:  # disk full (torch's zip writer raises RuntimeError), unwritable, quota...
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}; {checkpoint.space_report(self.checkpoint_dir)}"
             print(f"rank {self.dist.rank}: saving {self.checkpoint_dir / tag} failed: {failure}", file=sys.stderr, flush=True)
@@ -446,8 +481,38 @@ class Trainer:
         return self.checkpoint_dir / tag
 
     def _load(self, checkpoint_dir: Path, tag: str) -> None:
+        if self.resharded:  # rank 0 converts once; every rank loads its own partitions of the whole tensors
+            failure = None
+            if self.dist.is_main:
+                try:
+                    checkpoint.universal_checkpoint(checkpoint_dir / tag, self.log)
+                except Exception as e:  # every rank must learn it, or the others wait for a conversion that never ends
+                    failure = e
+            if any_rank(failure is not None):
+                raise checkpoint.CheckpointError(f"{checkpoint_dir / tag}: the conversion to a universal checkpoint failed"
+                                                 f"{f' ({type(failure).__name__}: {failure})' if failure else ' on rank 0'}") from failure
+            source = (checkpoint_dir / tag, checkpoint.UNIVERSAL)
+        else:
+            source = (checkpoint_dir, tag)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         with checkpoint.safe_loading():  # verified by resolve_resume; weights-only all the same
-            _, client = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+            _, client = self.engine.load_checkpoint(str(source[0]), tag=source[1])
+        if self.resharded:
+            # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's settings (weight decay,
+            # learning rate) and one shared step tensor, which each group's Adam update would then advance in turn:
+            # each group gets its own settings back, its learning rate as the restored schedule left it, its own step.
+            for group, own, lr in zip(self.optimizer.param_groups, groups, self.scheduler.get_last_lr()):
+                group.update(own, lr=lr)
+            for state in getattr(self.optimizer, "optimizer", self.optimizer).state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+            # The universal load restores parameters only; the module's buffers (the task's forward count that seeds
+            # its hashed draws) come from the tag's model states.
+            with checkpoint.safe_loading():
+                module = torch.load(checkpoint.model_states_file(checkpoint_dir / tag), map_location="cpu", weights_only=True)["module"]
+            for name, buffer in self.task.named_buffers():
+                if name in module:
+                    buffer.copy_(module[name])
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.epoch, self.batch_in_epoch = client["data"]["epoch"], client["data"]["batch"]
         self.best, self.evals_since_best = client.get("best"), client.get("evals_since_best", 0)
