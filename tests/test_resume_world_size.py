@@ -1,5 +1,5 @@
-"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2) and on 1 (ZeRO-3) through DeepSpeed's universal
-checkpoint: the losses after the resume and the final weights equal the uninterrupted 2-rank run's, because the
+"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2) and on 1 (ZeRO-3), and one saved on 1 rank resumes on 2,
+through DeepSpeed's universal checkpoint: the losses after the resume and the final weights equal the uninterrupted 2-rank run's, because the
 data order belongs to the run (its logical streams), not to the world size."""
 
 from __future__ import annotations
@@ -65,18 +65,22 @@ def two_ranks(world_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("ranks,stage", [(1, 2), (4, 2), (1, 3)])
-def test_a_two_rank_run_resumes_on_another_world_size(ranks, stage, two_ranks, world_shards, tmp_path):
-    source = two_ranks
-    if stage == 3:  # the same run saved by 2 ZeRO-3 ranks
-        source = tmp_path / "zero3"
-        saved = train(world_shards, source, 2, 3, "--stop-at", str(SAVED_AT))
+@pytest.mark.parametrize("saved_on,ranks,stage", [(2, 1, 2), (2, 4, 2), (2, 1, 3), (1, 2, 2)])
+def test_a_run_resumes_on_another_world_size(saved_on, ranks, stage, two_ranks, world_shards, tmp_path):
+    """The 2-rank ZeRO-2 run's step-3 tag, or the same run saved by 2 ZeRO-3 ranks, or by one rank (which runs ZeRO-2
+    as stage 0) reading the 2-rank order (data.streams=2), continues on `ranks` as the unbroken 2-rank run did."""
+    source, saved_stage = two_ranks, stage
+    if stage == 3 or saved_on == 1:
+        source = tmp_path / "source"
+        saved = train(world_shards, source, saved_on, stage, "--stop-at", str(SAVED_AT), "--set", "data.streams=2")
         assert saved.returncode == 0, saved.stderr[-3000:]
+        saved_stage = 0 if saved_on == 1 else stage
     tag = resumed_copy(source, tmp_path / "resumed")
     resumed = train(world_shards, tmp_path / "resumed", ranks, stage, "--resume", str(tag))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = resumed.stdout + resumed.stderr
-    assert f"(saved on 2 ranks, ZeRO-{stage}) on {ranks} ranks: data.batch_size {GLOBAL_BATCH // ranks}" in out, out[-3000:]
+    assert (f"(saved on {saved_on} ranks, ZeRO-{saved_stage}) on {ranks} ranks: data.batch_size {GLOBAL_BATCH // ranks}"
+            in out), out[-3000:]
     assert (tag / "universal" / "COMPLETE").is_file()
 
     expected, after = losses(two_ranks), losses(tmp_path / "resumed")

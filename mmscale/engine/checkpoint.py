@@ -349,11 +349,13 @@ def read_train_state(tag_dir: Path) -> dict | None:
     return state
 
 
-def universal_checkpoint(tag_dir: Path, log=print) -> Path:
+def universal_checkpoint(tag_dir: Path, param_names: list[str], log=print) -> Path:
     """The tag as DeepSpeed's universal checkpoint (every parameter's fp32 value and optimizer moments whole, in
-    tag_dir/universal), converted once by DeepSpeed's ds_to_universal and reused; its files are checked as the tag's.
-    Only ZeRO tags (stage >= 1) convert: a stage-0 tag holds no ZeRO optimizer files."""
-    out = Path(tag_dir) / UNIVERSAL
+    tag_dir/universal), converted once and reused; its files are checked as the tag's. A ZeRO tag converts with
+    DeepSpeed's ds_to_universal; a stage-0 tag (one rank) is written from its whole module and Adam state, whose
+    parameters are `param_names` in the optimizer's order."""
+    tag_dir = Path(tag_dir)
+    out = tag_dir / UNIVERSAL
     if not (out / COMPLETE).is_file():
         import argparse
         import contextlib
@@ -361,15 +363,52 @@ def universal_checkpoint(tag_dir: Path, log=print) -> Path:
 
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-        tmp = Path(tag_dir) / (UNIVERSAL + ".tmp")
+        tmp = tag_dir / (UNIVERSAL + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"converting {tag_dir} to a universal checkpoint ({out})")
-        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with safe_loading(), contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints; ours says it once
-            ds_to_universal(args)
+        with safe_loading():
+            if any(tag_dir.glob("*_optim_states.pt")):
+                args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+                with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints; ours says it once
+                    ds_to_universal(args)
+            else:
+                _universal_from_stage0(tag_dir, param_names, tmp)
         (tmp / COMPLETE).write_text("universal\n")
         shutil.rmtree(out, ignore_errors=True)  # a conversion cut short before
         os.replace(tmp, out)
     verify_files(sorted(out.rglob("*.pt")))
     return out
+
+
+def _universal_from_stage0(tag_dir: Path, param_names: list[str], out: Path) -> None:
+    """ds_to_universal's layout from a stage-0 tag: zero/NAME/{fp32,exp_avg,exp_avg_sq,step}.pt per parameter (a
+    parameter that never had a gradient has no moments, as in DeepSpeed's own conversion), the groups' settings in
+    zero/optimizer_state.pt, and the model states beside them (client state, buffers, scheduler)."""
+    import deepspeed
+
+    model_file = model_states_file(tag_dir)
+    states = torch.load(model_file, map_location="cpu", weights_only=True)
+    module, optimizer = states["module"], states.get("optimizer")
+    if not isinstance(optimizer, dict) or set(optimizer) != {"state", "param_groups"}:
+        raise CheckpointError(f"{model_file}: no whole optimizer state (a stage-0 tag keeps it in the model states)")
+    indices = [i for group in optimizer["param_groups"] for i in group["params"]]
+    if len(indices) != len(param_names):
+        raise CheckpointError(f"{model_file}: the optimizer holds {len(indices)} parameters, this model trains {len(param_names)}")
+    zero = out / "zero"
+    for index, name in zip(indices, param_names):
+        folder = zero / name
+        folder.mkdir(parents=True)
+        torch.save({"param": module[name].float(), "cat_dim": 0}, folder / "fp32.pt")
+        state = optimizer["state"].get(index, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                torch.save({"param": state[key].float(), "cat_dim": 0}, folder / f"{key}.pt")
+        if "step" in state:
+            torch.save(torch.as_tensor(state["step"], dtype=torch.float32), folder / "step.pt")
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
+    steps = [torch.as_tensor(s["step"], dtype=torch.float32) for s in optimizer["state"].values() if "step" in s]
+    torch.save({"param_groups": groups, "ds_version": deepspeed.__version__,
+                "optimizer_state_dict": {"state": {0: {"step": steps[0] if steps else torch.tensor(0.0)}}, "param_groups": groups}},
+               zero / "optimizer_state.pt")
+    shutil.copy2(model_file, out / model_file.name)

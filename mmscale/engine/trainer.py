@@ -187,10 +187,6 @@ class Trainer:
         """A checkpoint resumes on another world size or ZeRO stage through DeepSpeed's universal checkpoint, with the
         global micro-batch it was saved with: the same data order, in-batch negatives and learning rates."""
         world, cfg = self.dist.world_size, self.config
-        if saved["zero_stage"] == 0:
-            raise ConfigError(f"--resume {tag_dir}: saved by {saved['world_size']} rank(s) as ZeRO stage 0 (one rank runs ZeRO-1/2 so), "
-                              f"which has no ZeRO optimizer files to convert; resume it on {saved['world_size']} rank(s) with the same "
-                              f"train.deepspeed_config")
         if zero_stage(build_deepspeed_config(cfg, world, self.bf16, load_universal=True)) == 0:
             raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config} is ZeRO stage 0; resuming {tag_dir} (saved on "
                               f"{saved['world_size']} ranks, ZeRO-{saved['zero_stage']}) on {world} needs ZeRO-1, 2 or 3")
@@ -485,7 +481,8 @@ class Trainer:
             failure = None
             if self.dist.is_main:
                 try:
-                    checkpoint.universal_checkpoint(checkpoint_dir / tag, self.log)
+                    names = [name for params in self.task.parameter_groups().values() for name, _ in params]
+                    checkpoint.universal_checkpoint(checkpoint_dir / tag, names, self.log)
                 except Exception as e:  # every rank must learn it, or the others wait for a conversion that never ends
                     failure = e
             if any_rank(failure is not None):
