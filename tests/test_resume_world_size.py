@@ -1,4 +1,4 @@
-"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2) and on 1 (ZeRO-3), and one saved on 1 rank resumes on 2,
+"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2 and ZeRO-3), and one saved on 1 rank resumes on 2,
 through DeepSpeed's universal checkpoint: the losses after the resume and the final weights equal the uninterrupted 2-rank run's, because the
 data order belongs to the run (its logical streams), not to the world size."""
 
@@ -65,16 +65,29 @@ def two_ranks(world_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("saved_on,ranks,stage", [(2, 1, 2), (2, 4, 2), (2, 1, 3), (1, 2, 2)])
-def test_a_run_resumes_on_another_world_size(saved_on, ranks, stage, two_ranks, world_shards, tmp_path):
-    """The 2-rank ZeRO-2 run's step-3 tag, or the same run saved by 2 ZeRO-3 ranks, or by one rank (which runs ZeRO-2
-    as stage 0) reading the 2-rank order (data.streams=2), continues on `ranks` as the unbroken 2-rank run did."""
-    source, saved_stage = two_ranks, stage
-    if stage == 3 or saved_on == 1:
-        source = tmp_path / "source"
-        saved = train(world_shards, source, saved_on, stage, "--stop-at", str(SAVED_AT), "--set", "data.streams=2")
-        assert saved.returncode == 0, saved.stderr[-3000:]
-        saved_stage = 0 if saved_on == 1 else stage
+@pytest.fixture(scope="module")
+def saved_elsewhere(world_shards, tmp_path_factory):
+    """The same run stopped at step 3 by 2 ZeRO-3 ranks, or by one rank (which runs ZeRO-2 as stage 0) reading the
+    2-rank order (data.streams=2); made once each."""
+    made = {}
+
+    def source(ranks: int, stage: int) -> Path:
+        if (ranks, stage) not in made:
+            run_dir = tmp_path_factory.mktemp("resume-world") / f"{ranks}-ranks-zero{stage}"
+            saved = train(world_shards, run_dir, ranks, stage, "--stop-at", str(SAVED_AT), "--set", "data.streams=2")
+            assert saved.returncode == 0, saved.stderr[-3000:]
+            made[ranks, stage] = run_dir
+        return made[ranks, stage]
+
+    return source
+
+
+@pytest.mark.parametrize("saved_on,ranks,stage", [(2, 1, 2), (2, 4, 2), (2, 1, 3), (2, 4, 3), (1, 2, 2)])
+def test_a_run_resumes_on_another_world_size(saved_on, ranks, stage, two_ranks, saved_elsewhere, world_shards, tmp_path):
+    """A step-3 tag of the 2-rank run (ZeRO-2 or 3) or of its one-rank twin continues on `ranks` as the unbroken
+    2-rank ZeRO-2 run did."""
+    source = two_ranks if (saved_on, stage) == (2, 2) else saved_elsewhere(saved_on, stage)
+    saved_stage = 0 if saved_on == 1 else stage
     tag = resumed_copy(source, tmp_path / "resumed")
     resumed = train(world_shards, tmp_path / "resumed", ranks, stage, "--resume", str(tag))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -477,39 +477,14 @@ class Trainer:
         return self.checkpoint_dir / tag
 
     def _load(self, checkpoint_dir: Path, tag: str) -> None:
-        if self.resharded:  # rank 0 converts once; every rank loads its own partitions of the whole tensors
-            failure = None
-            if self.dist.is_main:
-                try:
-                    names = [name for params in self.task.parameter_groups().values() for name, _ in params]
-                    checkpoint.universal_checkpoint(checkpoint_dir / tag, names, self.log)
-                except Exception as e:  # every rank must learn it, or the others wait for a conversion that never ends
-                    failure = e
-            if any_rank(failure is not None):
-                raise checkpoint.CheckpointError(f"{checkpoint_dir / tag}: the conversion to a universal checkpoint failed"
-                                                 f"{f' ({type(failure).__name__}: {failure})' if failure else ' on rank 0'}") from failure
-            source = (checkpoint_dir / tag, checkpoint.UNIVERSAL)
-        else:
-            source = (checkpoint_dir, tag)
+        source = (checkpoint_dir / tag, checkpoint.UNIVERSAL) if self.resharded else (checkpoint_dir, tag)
+        if self.resharded:
+            self._convert_to_universal(checkpoint_dir / tag)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         with checkpoint.safe_loading():  # verified by resolve_resume; weights-only all the same
             _, client = self.engine.load_checkpoint(str(source[0]), tag=source[1])
         if self.resharded:
-            # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's settings (weight decay,
-            # learning rate) and one shared step tensor, which each group's Adam update would then advance in turn:
-            # each group gets its own settings back, its learning rate as the restored schedule left it, its own step.
-            for group, own, lr in zip(self.optimizer.param_groups, groups, self.scheduler.get_last_lr()):
-                group.update(own, lr=lr)
-            for state in getattr(self.optimizer, "optimizer", self.optimizer).state.values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
-            # The universal load restores parameters only; the module's buffers (the task's forward count that seeds
-            # its hashed draws) come from the tag's model states.
-            with checkpoint.safe_loading():
-                module = torch.load(checkpoint.model_states_file(checkpoint_dir / tag), map_location="cpu", weights_only=True)["module"]
-            for name, buffer in self.task.named_buffers():
-                if name in module:
-                    buffer.copy_(module[name])
+            self._complete_universal_load(checkpoint_dir / tag, groups)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.epoch, self.batch_in_epoch = client["data"]["epoch"], client["data"]["batch"]
         self.best, self.evals_since_best = client.get("best"), client.get("evals_since_best", 0)
@@ -521,6 +496,36 @@ class Trainer:
         if content is not None:
             self._set_content(content)
         self.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def _convert_to_universal(self, tag_dir: Path) -> None:
+        """Rank 0 converts the tag once; every rank then loads its own partitions of the whole tensors."""
+        failure = None
+        if self.dist.is_main:
+            try:
+                names = [name for params in self.task.parameter_groups().values() for name, _ in params]
+                checkpoint.universal_checkpoint(tag_dir, names, self.log)
+            except Exception as e:  # every rank must learn it, or the others wait for a conversion that never ends
+                failure = e
+        if any_rank(failure is not None):
+            raise checkpoint.CheckpointError(f"{tag_dir}: the conversion to a universal checkpoint failed"
+                                             f"{f' ({type(failure).__name__}: {failure})' if failure else ' on rank 0'}") from failure
+
+    def _complete_universal_load(self, tag_dir: Path, groups: list[dict]) -> None:
+        """What DeepSpeed's (0.19.8) universal load leaves out. Under ZeRO-3 every parameter group gets the first group's
+        settings (weight decay, learning rate) and one shared step tensor, which each group's Adam update would then
+        advance in turn: each group gets its own settings back, its learning rate as the restored schedule left it, and
+        its own step. And only parameters are restored: the module's buffers (the task's forward count, which seeds its
+        hashed draws) come from the tag's model states."""
+        for group, own, lr in zip(self.optimizer.param_groups, groups, self.scheduler.get_last_lr()):
+            group.update(own, lr=lr)
+        for state in getattr(self.optimizer, "optimizer", self.optimizer).state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        with checkpoint.safe_loading():
+            module = torch.load(checkpoint.model_states_file(tag_dir), map_location="cpu", weights_only=True)["module"]
+        for name, buffer in self.task.named_buffers():
+            if name in module:
+                buffer.copy_(module[name])
 
     def run_evaluation(self) -> dict:
         results = evaluate(self.task, self.shards, self.config.eval, self.preprocess, self.collectives,
