@@ -1,4 +1,4 @@
-"""The WebDataset stream: shards -> per-(rank, worker) samples -> shuffled raw batches -> Batch.
+"""The WebDataset stream: shards -> per-stream samples -> shuffled raw batches -> this rank's share -> Batch.
 
 Order of stages and why:
   1. shard selection (explicit rank/world, so tests can simulate many);
@@ -141,11 +141,11 @@ class InteractionStream(IterableDataset):
         # A string seed is hashed with SHA-512: the same in every process, unlike hash().
         return random.Random("-".join(str(p) for p in (self.seed, self.epoch, *parts)))
 
-    def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """Shard urls for logical stream `worker` (resampled) or this (rank, worker) (exact); each is checked against
-        the dataset the run started on."""
+    def _shards(self, source: int, num_sources: int) -> Iterator[dict]:
+        """Shard urls for logical stream `source` (resampled) or for this rank's worker `source` of `num_sources`
+        (exact); each is checked against the dataset the run started on."""
         if self.resampled:
-            rng = self._rng("shards", worker)
+            rng = self._rng("shards", source)
             while True:
                 self.shards.check_unchanged()
                 self._shards_since_sample += 1
@@ -155,7 +155,7 @@ class InteractionStream(IterableDataset):
                 yield {"url": rng.choice(self.urls)}
         urls = list(self.urls)
         self._rng("shards").shuffle(urls)  # the same permutation on every rank
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        slot, slots = self.rank * num_sources + source, self.world_size * num_sources
         for url in urls[slot::slots]:
             self.shards.check_unchanged()
             yield {"url": url}
