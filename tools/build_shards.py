@@ -48,7 +48,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
     g.add_argument("--max-image-mb", type=float, default=d.max_image_mb, help="a larger image file is bad input, never read")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="a larger image is bad input, never decoded")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--workers", type=int, default=d.workers)
+    g = p.add_argument_group("resources")
+    g.add_argument("--workers", type=int, default=d.workers, help="processes that scan, check images and write shards")
+    g.add_argument("--memory-limit", type=int, default=d.memory_limit_mb, metavar="MB",
+                   help="memory of the relational stage (DuckDB); beyond it, it spills to the work folder")
+    g.add_argument("--work-dir", default=None, help="where the build's temporary files go (default: inside OUT_DIR.partial)")
+    g.add_argument("--ray-address", default=None, help="write on a running Ray cluster ('auto' or HOST:PORT) instead of a "
+                   "local pool; the raw folder, OUT_DIR and the work folder must be on a file system every node sees")
     g.add_argument("--strict", action="store_true", help="exit non-zero on the first bad input")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -65,10 +71,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
             cold_item_fraction=args.cold_item_fraction, max_history=args.max_history,
             shard_size_mb=args.shard_size_mb, embed_target_content=not args.no_target_content,
             max_image_mb=args.max_image_mb, max_image_pixels=args.max_image_pixels, seed=args.seed, workers=args.workers,
+            memory_limit_mb=args.memory_limit, work_dir=args.work_dir, ray_address=args.ray_address,
             strict=args.strict, progress=not args.quiet,
         )
     except ValueError as e:
-        p.error(f"--{str(e).replace('_', '-')}")
+        p.error(f"--{str(e).replace('_', '-').replace('memory-limit-mb', 'memory-limit')}")
     return args, opts
 
 
@@ -85,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"samples: {counts['samples']}  cold items: {counts['cold_items']}")
     print("shards: " + ", ".join(f"{k} {len(v)}" for k, v in manifest["shards"].items()))
     print(manifest["bad_input_report"])
+    build = manifest["build"]
+    print(f"build: {build['seconds']:.1f} s, {counts['raw']['interactions'] / max(build['seconds'], 1e-9):,.0f} interactions/s; "
+          f"peak RSS {build['peak_rss_mb']:,} MiB (largest process), temporary disk {build['temp_disk_mb']:,} MiB; "
+          f"{build['writers']} writers on {build['nodes']} node(s)")
+    print("stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in build['stage_seconds'].items()))
     print(f"wrote {args.out_dir}/manifest.json")
     return 0
 

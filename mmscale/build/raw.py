@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import stat
 from collections import Counter
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Kinds of bad input, each counted separately in the manifest.
 BAD_KINDS = (
@@ -70,6 +71,13 @@ class Ledger:
         if len(places) < EXAMPLES_PER_KIND:
             places.append(where)
 
+    def merge(self, other: "Ledger") -> None:
+        """Adds another ledger's counts and examples after this one's (ledgers of consecutive ranges merge in file order)."""
+        self.counts.update(other.counts)
+        for kind, places in other.examples.items():
+            mine = self.examples.setdefault(kind, [])
+            mine.extend(places[: EXAMPLES_PER_KIND - len(mine)])
+
     def as_dict(self) -> dict:
         return {
             "counts": {kind: self.counts.get(kind, 0) for kind in BAD_KINDS},
@@ -104,23 +112,6 @@ class RawFormat:
     delimiter: str = ","
 
 
-@dataclass
-class RawItem:
-    raw_id: str
-    text: str
-    image_path: Path | None  # None: the item has no image
-    line: int
-
-
-@dataclass
-class RawInteraction:
-    user: str
-    item: str
-    timestamp: float
-    rating: float | None
-    line: int
-
-
 def _text_of(record: dict, fields: tuple[str, ...]) -> tuple[str, list[str]]:
     """Joins the configured text fields; lists (genres, cast) become comma-separated. Returns the text and the
     fields left out because they are neither a string, a number nor a list of those."""
@@ -135,54 +126,97 @@ def _text_of(record: dict, fields: tuple[str, ...]) -> tuple[str, list[str]]:
         elif not isinstance(value, scalar) or isinstance(value, bool):
             bad.append(name)
             continue
+        if not _valid_unicode(str(value)):
+            bad.append(name)
+            continue
         parts.append(str(value).strip())
     # "Title. Description." -- a part that already ends a sentence keeps its own punctuation.
     return " ".join(p if p[-1] in ".!?" else p + "." for p in parts if p), bad
 
 
-def _lines(path: Path, ledger: Ledger) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line; a line that is not UTF-8 is bad input, its neighbours are read."""
+def line_ranges(path: Path, parts: int, skip_lines: int = 0) -> list[tuple[int, int, int]]:
+    """Cuts a file into about `parts` byte ranges that start and end on line boundaries, after its first
+    `skip_lines` lines. Returns (start, end, number of the range's first line); the line numbers come from one
+    pass counting newlines, so ranges scanned apart still name true lines."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        for _ in range(skip_lines):
+            f.readline()
+        begin = f.tell()
+        cuts = [begin]
+        for k in range(1, parts):
+            f.seek(max(begin, begin + (size - begin) * k // parts - 1))
+            f.readline()  # to the start of the next line
+            if cuts[-1] < f.tell() < size:
+                cuts.append(f.tell())
+        cuts.append(size)
+        ranges, line = [], skip_lines + 1
+        for start, end in zip(cuts, cuts[1:]):
+            ranges.append((start, end, line))
+            f.seek(start)
+            remaining = end - start
+            while remaining:
+                block = f.read(min(remaining, 1 << 24))
+                line += block.count(b"\n")
+                remaining -= len(block)
+    return ranges
+
+
+def _lines(path: Path, ledger: Ledger, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line in bytes [start, end); a line that is not UTF-8 is bad input, its
+    neighbours are read."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        position = start
+        for line_no, raw in enumerate(f, start=first_line):
+            if end is not None and position >= end:
+                return
+            position += len(raw)
             try:
                 yield line_no, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 ledger.record("bad_encoding", path, line_no, "-", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
 
 
-def read_items(root: Path, fmt: RawFormat, ledger: Ledger) -> dict[str, RawItem]:
-    """Reads items.jsonl; returns raw id -> item, in file order."""
-    path = root / fmt.items_file
-    items: dict[str, RawItem] = {}
-    for line_no, line in _lines(path, ledger):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            ledger.record("malformed_row", path, line_no, "-", f"not a JSON object ({str(e)[:200]})")
-            continue
-        raw_id = record.get(fmt.item_id_field)
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id).strip() == "":
-            ledger.record("bad_item_id", path, line_no, fmt.item_id_field, f"bad id {str(raw_id)[:100]!r}")
-            continue
-        raw_id = str(raw_id).strip()
-        if raw_id in items:
-            ledger.record("duplicate_item", path, line_no, fmt.item_id_field, f"item {raw_id} listed again")
-            continue
-        text, bad_fields = _text_of(record, fmt.text_fields)
-        for name in bad_fields:
-            ledger.record("bad_text_field", path, line_no, name, f"a {type(record[name]).__name__}, not text (the field is left out)")
-        image = record.get(fmt.image_field)
-        if image is not None and not isinstance(image, str):
-            ledger.record("bad_image_field", path, line_no, fmt.image_field, f"{str(image)[:100]!r} is not a path (the item has no image)")
-            image = None
-        items[raw_id] = RawItem(raw_id, text, (root / image) if image else None, line_no)
-    if not items:
-        raise BadInputError(f"{path}: no item could be read (empty, or every line is bad input)")
-    return items
+def _valid_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (a JSON escape such as \\ud800), which has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def scan_items(path: Path, fmt: RawFormat, start: int, end: int, first_line: int, out: Path, strict: bool) -> Ledger:
+    """Parses items.jsonl lines in bytes [start, end) and writes one JSON record per readable item to `out`:
+    line, id, text, image (the path as written) and the field problems to report if the item is kept (a
+    duplicate's are not). Returns the ledger of the lines it rejected. Runs in worker processes."""
+    ledger = Ledger(strict=strict)
+    with open(out, "w", encoding="utf-8") as sink:
+        for line_no, line in _lines(path, ledger, start, end, first_line):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                ledger.record("malformed_row", path, line_no, "-", f"not a JSON object ({str(e)[:200]})")
+                continue
+            raw_id = record.get(fmt.item_id_field)
+            if (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id).strip() == ""
+                    or not _valid_unicode(str(raw_id))):
+                ledger.record("bad_item_id", path, line_no, fmt.item_id_field, f"bad id {str(raw_id)[:100]!r}")
+                continue
+            text, bad_fields = _text_of(record, fmt.text_fields)
+            problems = [("bad_text_field", name, f"a {type(record[name]).__name__}, not text (the field is left out)") for name in bad_fields]
+            image = record.get(fmt.image_field)
+            if image is not None and (not isinstance(image, str) or not _valid_unicode(image)):
+                problems.append(("bad_image_field", fmt.image_field, f"{str(image)[:100]!r} is not a path (the item has no image)"))
+                image = None
+            sink.write(json.dumps({"line": line_no, "id": str(raw_id).strip(), "text": text, "image": image or None,
+                                   "problems": json.dumps(problems)}) + "\n")
+    return ledger
 
 
 def _parse_timestamp(value: str) -> float:
@@ -201,14 +235,10 @@ def _parse_timestamp(value: str) -> float:
     return ts
 
 
-def read_interactions(root: Path, fmt: RawFormat, known_items: dict[str, RawItem], ledger: Ledger) -> list[RawInteraction]:
-    """Reads interactions.csv, one record per line, rejecting rows one by one (a bad row, an unclosed quote
-    included, never takes its neighbours)."""
-    path = root / fmt.interactions_file
-    rows: list[RawInteraction] = []
-    seen: set[tuple[str, str, float]] = set()
-    lines = _lines(path, ledger)
-    header = next((_split_row(text, fmt) for _, text in lines), None)
+def interaction_columns(path: Path, fmt: RawFormat) -> tuple[list[str], dict[str, int]]:
+    """The header of interactions.csv and the index of each column the build reads, or a named error."""
+    ledger = Ledger(strict=True)
+    header = next((_split_row(text, fmt) for _, text in _lines(path, ledger)), None)
     if not header:
         raise BadInputError(f"{path}:1: empty file, expected a header row")
     header = [h.strip() for h in header]
@@ -216,53 +246,62 @@ def read_interactions(root: Path, fmt: RawFormat, known_items: dict[str, RawItem
     missing = [c for c in wanted if c not in header]
     if missing:
         raise BadInputError(f"{path}:1: header {header} lacks column(s) {missing} (set them with --*-column flags)")
-    col = {name: header.index(name) for name in wanted}
+    return header, {name: header.index(name) for name in wanted}
+
+
+def scan_interactions(path: Path, fmt: RawFormat, start: int, end: int, first_line: int, out: Path, strict: bool) -> Ledger:
+    """Checks interactions.csv lines in bytes [start, end) one by one (a bad row, an unclosed quote included, never
+    takes its neighbours) and writes each readable row to `out` as CSV: line, user, item, timestamp, rating.
+    Unknown items and duplicates are the relational stage's to find. Returns the ledger of the rejected lines."""
+    ledger = Ledger(strict=strict)
+    header, col = interaction_columns(path, fmt)
+    user_col, item_col, time_col = col[fmt.user_column], col[fmt.item_column], col[fmt.time_column]
+    rating_col = col.get(fmt.rating_column) if fmt.rating_column else None
     low, high = fmt.rating_range
-    for line_no, text in lines:
-        if not text.strip():
-            continue
-        try:
-            row = _split_row(text, fmt)
-        except csv.Error as e:
-            ledger.record("malformed_row", path, line_no, "-", f"{e} (one record per line)")
-            continue
-        if len(row) != len(header):
-            ledger.record("malformed_row", path, line_no, "-", f"{len(row)} columns, header has {len(header)}")
-            continue
-        user = row[col[fmt.user_column]].strip()
-        item = row[col[fmt.item_column]].strip()
-        if not user:
-            ledger.record("bad_user_id", path, line_no, fmt.user_column, "empty")
-            continue
-        if not item:
-            ledger.record("bad_item_id", path, line_no, fmt.item_column, "empty")
-            continue
-        try:
-            timestamp = _parse_timestamp(row[col[fmt.time_column]])
-        except ValueError as e:
-            ledger.record("bad_timestamp", path, line_no, fmt.time_column, f"{row[col[fmt.time_column]][:50]!r}: {e}")
-            continue
-        rating = None
-        if fmt.rating_column:
-            try:
-                rating = float(row[col[fmt.rating_column]])
-            except ValueError:
-                rating = math.nan
-            if not low <= rating <= high:  # NaN fails too
-                ledger.record("bad_rating", path, line_no, fmt.rating_column,
-                              f"{row[col[fmt.rating_column]][:50]!r} is not a number in [{low:g}, {high:g}]")
+    delimiter, width = fmt.delimiter, len(header)
+    with open(out, "w", encoding="utf-8", newline="") as sink:
+        writer = csv.writer(sink, lineterminator="\n")
+        for line_no, text in _lines(path, ledger, start, end, first_line):
+            if not text.strip():
                 continue
-        if item not in known_items:
-            ledger.record("unknown_item", path, line_no, fmt.item_column, f"item {item[:100]} is not in {fmt.items_file}")
-            continue
-        if (user, item, timestamp) in seen:
-            ledger.record("duplicate_interaction", path, line_no, "-", f"user {user[:100]}, item {item[:100]} at {timestamp:g} again")
-            continue
-        seen.add((user, item, timestamp))
-        rows.append(RawInteraction(user, item, timestamp, rating, line_no))
-    if not rows:
-        raise BadInputError(f"{path}: no interaction could be read (header only, or every row is bad input)")
-    return rows
+            if '"' in text or "\r" in text or len(text) > FIELD_LIMIT:
+                try:
+                    row = _split_row(text, fmt)
+                except csv.Error as e:
+                    ledger.record("malformed_row", path, line_no, "-", f"{e} (one record per line)")
+                    continue
+            else:  # no quoting: a plain split is what csv would give, and several times faster
+                row = text.split(delimiter)
+            if len(row) != width:
+                ledger.record("malformed_row", path, line_no, "-", f"{len(row)} columns, header has {width}")
+                continue
+            user, item = row[user_col].strip(), row[item_col].strip()
+            if not user:
+                ledger.record("bad_user_id", path, line_no, fmt.user_column, "empty")
+                continue
+            if not item:
+                ledger.record("bad_item_id", path, line_no, fmt.item_column, "empty")
+                continue
+            try:
+                timestamp = _parse_timestamp(row[time_col])
+            except ValueError as e:
+                ledger.record("bad_timestamp", path, line_no, fmt.time_column, f"{row[time_col][:50]!r}: {e}")
+                continue
+            rating = ""
+            if rating_col is not None:
+                try:
+                    rating = float(row[rating_col])
+                except ValueError:
+                    rating = math.nan
+                if not low <= rating <= high:  # NaN fails too
+                    ledger.record("bad_rating", path, line_no, fmt.rating_column,
+                                  f"{row[rating_col][:50]!r} is not a number in [{low:g}, {high:g}]")
+                    continue
+            writer.writerow((line_no, user, item, repr(timestamp), repr(rating) if rating != "" else ""))
+    return ledger
+
+
+FIELD_LIMIT = csv.field_size_limit()
 
 
 def _split_row(text: str, fmt: RawFormat) -> list[str]:
@@ -270,41 +309,63 @@ def _split_row(text: str, fmt: RawFormat) -> list[str]:
     return next(csv.reader([text], delimiter=fmt.delimiter, strict=True), [])
 
 
+class ImagePaths:
+    """Resolves image paths of one dataset folder as Path.resolve() does (symlinks followed), each folder once: of an
+    image only its own name is checked for a symlink. One per batch of images, so a folder changed since is seen."""
+
+    def __init__(self, root: Path):
+        self.root, self.real_root = str(root), os.path.realpath(root)
+        self._folders: dict[str, str] = {}
+
+    def resolve(self, image: str) -> str:
+        path = os.path.join(self.root, image)
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            return os.path.realpath(path)
+        if folder not in self._folders:
+            self._folders[folder] = os.path.realpath(folder)
+        return os.path.join(self._folders[folder], name)
+
+    def inside(self, resolved: str) -> bool:
+        return os.path.commonpath([resolved, self.real_root]) == self.real_root
+
+
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
 
 
-def load_image_bytes(path: Path, root: Path, max_bytes: int, max_pixels: int) -> tuple[bytes | None, str, str]:
+def check_image(image: str, paths: ImagePaths, max_bytes: int, max_pixels: int) -> tuple[str, int, str]:
     """Reads and fully decodes an image (a truncated file fails here, not mid-training), if it is a regular file
-    inside the dataset folder `root` and under the byte and pixel caps.
+    inside the dataset folder and under the byte and pixel caps.
 
-    Returns (bytes, extension, "") or (None, "", "kind:reason"). Runs in worker processes.
+    Returns (extension, size in bytes, "") or ("", 0, "kind:reason"). Runs in worker processes.
     """
-    resolved = path.resolve()  # follows symlinks: one that leaves the folder is caught here
-    if not resolved.is_relative_to(root.resolve()):
-        return None, "", f"image_outside_dataset:resolves to {resolved}, outside {root}"
+    resolved = paths.resolve(image)  # follows symlinks: one that leaves the folder is caught here
+    if not paths.inside(resolved):
+        return "", 0, f"image_outside_dataset:resolves to {resolved}, outside {paths.root}"
     try:
-        info = resolved.stat()
+        info = os.stat(resolved)
     except FileNotFoundError:
-        return None, "", "missing_image"
+        return "", 0, "missing_image"
     except OSError as e:
-        return None, "", f"unreadable_image:{e.strerror}"
+        return "", 0, f"unreadable_image:{e.strerror}"
     if not stat.S_ISREG(info.st_mode):
-        return None, "", "image_not_a_file:not a regular file (a folder, FIFO or device is never read)"
+        return "", 0, "image_not_a_file:not a regular file (a folder, FIFO or device is never read)"
     if info.st_size > max_bytes:
-        return None, "", f"image_too_large:{info.st_size} bytes, over the cap of {max_bytes}"
+        return "", 0, f"image_too_large:{info.st_size} bytes, over the cap of {max_bytes}"
     try:
-        data = resolved.read_bytes()
+        with open(resolved, "rb") as f:
+            data = f.read()
     except OSError as e:
-        return None, "", f"unreadable_image:{e.strerror}"
+        return "", 0, f"unreadable_image:{e.strerror}"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=list(IMAGE_EXTENSIONS)) as img:
             if img.width * img.height > max_pixels:  # checked from the header, before any decoding
-                return None, "", f"image_too_large:{img.width}x{img.height} pixels, over the cap of {max_pixels}"
+                return "", 0, f"image_too_large:{img.width}x{img.height} pixels, over the cap of {max_pixels}"
             img.load()  # verify() alone misses truncated JPEGs
-            ext = IMAGE_EXTENSIONS.get(img.format or "", "")
-        if not ext:
-            return None, "", f"unreadable_image:unsupported format {img.format}"
+            ext = IMAGE_EXTENSIONS[img.format]
+    except UnidentifiedImageError:
+        return "", 0, f"unreadable_image:not a {', '.join(IMAGE_EXTENSIONS)} image"
     except Exception as e:  # PIL raises many types for corrupt data
         # no object addresses in the message: the same input must give the same manifest bytes
-        return None, "", f"unreadable_image:{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', str(e))}"
-    return data, ext, ""
+        return "", 0, f"unreadable_image:{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', str(e))}"
+    return ext, len(data), ""

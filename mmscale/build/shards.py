@@ -1,32 +1,46 @@
-"""Raw data -> WebDataset shards: filter, map ids, split by time, write deterministically.
+"""Raw data -> WebDataset shards, out of core: scan the raw files in parallel, run the relational stage in DuckDB,
+then write the shards in parallel (a process pool, or Ray tasks on a cluster).
 
-The build runs in a sibling staging folder and replaces the output folder only when
-everything (shards, item index, id maps, manifest) is written, so a reader never sees
-a half-built dataset and a crash leaves the previous one intact.
+    scan       items.jsonl and interactions.csv cut into line ranges, checked line by line (the bad-input ledger)
+    relate     DuckDB: unknown items, duplicates, rating filter, k-core, id maps, cold items, leave-one-out, order
+    images     every kept item's image read and fully decoded once, in parallel
+    write      item shards, then the samples of each split; every shard planned first, so the bytes do not depend
+               on the number of writers or where they run
+
+The build runs in a sibling staging folder and replaces the output folder only when everything (shards, item
+index, id maps, manifest) is written, so a reader never sees a half-built dataset and a crash leaves the previous
+one intact.
 """
 
 from __future__ import annotations
 
-import io
+import errno
 import json
 import os
-import random
+import resource
 import shutil
-import tarfile
-from collections import Counter, defaultdict
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator
 
+import duckdb
 import numpy as np
 from tqdm import tqdm
 
 from ..locks import try_lock
 from ..data.format import FORMAT_VERSION, IMAGE_EXT_CODES, MANIFEST, ShardFormatError
-from .raw import BadInputError, Ledger, RawFormat, RawInteraction, RawItem, load_image_bytes, read_interactions, read_items
+from .raw import BadInputError, ImagePaths, Ledger, RawFormat, check_image, interaction_columns, line_ranges, scan_interactions, scan_items
+from .relational import Relations
+from .writers import (
+    Executor, LocalExecutor, RayExecutor, ShardTask, WriteContext, header_lengths, item_header, member_sizes, plan_shards,
+    write_item_shard, write_sample_shard,
+)
+
+SPLITS = ("train", "valid", "test", "cold")
+SCAN_BYTES = 64 << 20  # a scan range is at most this long, so progress moves and ranges balance across workers
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,9 @@ class BuildOptions:
     max_image_mb: float = 64.0  # a larger image file is bad input, never read
     max_image_pixels: int = 50_000_000  # a larger image (from its header) is bad input, never decoded
     workers: int = max(1, min(2, os.cpu_count() or 1))
+    memory_limit_mb: int = 1024  # the relational stage's memory; beyond it DuckDB spills to the work folder
+    work_dir: str | None = None  # the relational stage's files and spill (default: inside the staging folder)
+    ray_address: str | None = None  # write on a Ray cluster ("auto", or host:port) instead of a local process pool
     strict: bool = False
     progress: bool = True
 
@@ -51,117 +68,13 @@ class BuildOptions:
             "cold_item_fraction": 0 <= self.cold_item_fraction < 1, "max_history": self.max_history >= 1,
             "shard_size_mb": self.shard_size_mb > 0, "workers": self.workers >= 1, "max_image_mb": self.max_image_mb > 0,
             "max_image_pixels": self.max_image_pixels > 0, "min_user_interactions": self.min_user_interactions >= 0,
-            "min_item_interactions": self.min_item_interactions >= 0,
+            "min_item_interactions": self.min_item_interactions >= 0, "memory_limit_mb": self.memory_limit_mb >= 128,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"{bad[0]}: {getattr(self, bad[0])!r} is out of range (cold_item_fraction in [0, 1); max_history, "
-                             f"workers >= 1; shard_size_mb, max_image_mb, max_image_pixels > 0; minimum counts >= 0)")
-
-
-class ShardWriter:
-    """Writes samples into numbered tar shards of bounded size, deterministically.
-
-    Headers carry no time, owner or mode of the build machine, so the same samples give
-    the same bytes. Each shard is written as NAME.tar.tmp and renamed when complete.
-    """
-
-    def __init__(self, directory: Path, prefix: str, max_bytes: int):
-        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
-        directory.mkdir(parents=True, exist_ok=True)
-        self.shards: list[dict] = []
-        self._tar: tarfile.TarFile | None = None
-        self._samples = 0
-
-    def _open_next(self) -> None:
-        self._close_current()
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._path = self.directory / name
-        self._tar = tarfile.open(self._path.with_suffix(".tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
-        self._samples = 0
-
-    def _close_current(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        tmp = self._path.with_suffix(".tar.tmp")
-        size = tmp.stat().st_size
-        os.replace(tmp, self._path)
-        self.shards.append({"path": f"{self.directory.name}/{self._path.name}", "samples": self._samples, "bytes": size})
-        self._tar = None
-
-    def write(self, key: str, members: dict[str, bytes]) -> tuple[int, dict[str, tuple[int, int]]]:
-        """Adds one sample; returns (shard number, member -> (data offset, size))."""
-        size = sum(512 + len(data) + 511 for data in members.values())
-        if self._tar is None or (self._samples and self._tar.offset + size > self.max_bytes):
-            self._open_next()
-        offsets = {}
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            offsets[ext] = (self._tar.offset + len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)), len(data))
-            self._tar.addfile(info, io.BytesIO(data))
-        self._samples += 1
-        return len(self.shards), offsets
-
-    def close(self) -> list[dict]:
-        self._close_current()
-        return self.shards
-
-
-def _natural_key(raw_id: str):
-    return (0, int(raw_id), "") if raw_id.isdigit() else (1, 0, raw_id)
-
-
-def _k_core(rows: list[RawInteraction], min_user: int, min_item: int) -> list[RawInteraction]:
-    """Drops users/items under the minimum counts until every survivor meets them."""
-    while True:
-        users = Counter(r.user for r in rows)
-        items = Counter(r.item for r in rows)
-        kept = [r for r in rows if users[r.user] >= min_user and items[r.item] >= min_item]
-        if len(kept) == len(rows):
-            return kept
-        rows = kept
-
-
-def _load_images(items: list[RawItem], root: Path, ledger: Ledger, opts: BuildOptions) -> dict[str, tuple[bytes, str]]:
-    """Reads and decodes every item image in parallel; bad ones are recorded, their items kept."""
-    with_image = [it for it in items if it.image_path is not None]
-    images: dict[str, tuple[bytes, str]] = {}
-    chunks = max(1, len(with_image) // (opts.workers * 8))
-    load = partial(load_image_bytes, root=root, max_bytes=int(opts.max_image_mb * 2**20), max_pixels=opts.max_image_pixels)
-    with Pool(opts.workers) as pool:
-        results = pool.imap(load, [it.image_path for it in with_image], chunksize=chunks)
-        for item, (data, ext, error) in tqdm(zip(with_image, results), total=len(with_image), desc="images", disable=not opts.progress):
-            if data is not None:
-                images[item.raw_id] = (data, ext)
-                continue
-            kind, _, detail = error.partition(":")
-            where = opts.raw_format.items_file
-            ledger.record(kind, where, item.line, opts.raw_format.image_field, f"{item.image_path} {detail or 'does not exist'}".strip())
-    return images
-
-
-def _split_user(sequence: list[int], cold: set[int]) -> tuple[dict[str, list[tuple[int, int]]], list[int]]:
-    """Leave-one-out by time over the user's warm items; every cold-item interaction is a cold sample.
-
-    Returns ({split: [(position, item)]}, warm sequence): a sample's history is
-    warm[:position]. Cold samples see the warm items that came before them.
-    """
-    warm: list[int] = []
-    cold_samples: list[tuple[int, int]] = []
-    for item in sequence:
-        if item in cold:
-            cold_samples.append((len(warm), item))
-        else:
-            warm.append(item)
-    n = len(warm)
-    out = {"train": [(p, warm[p]) for p in range(1, max(n - 2, 0))], "valid": [], "test": [], "cold": cold_samples}
-    if n >= 1:
-        out["test"].append((n - 1, warm[n - 1]))
-    if n >= 2:
-        out["valid"].append((n - 2, warm[n - 2]))
-    return out, warm
+                             f"workers >= 1; shard_size_mb, max_image_mb, max_image_pixels > 0; minimum counts >= 0; "
+                             f"memory_limit_mb >= 128)")
 
 
 class BuildError(RuntimeError):
@@ -213,111 +126,36 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
 
 def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> dict:
     fmt = opts.raw_format
-    ledger = Ledger(strict=opts.strict)
-
-    raw_items = read_items(raw_dir, fmt, ledger)
-    rows = read_interactions(raw_dir, fmt, raw_items, ledger)
-    raw_counts = {"users": len({r.user for r in rows}), "items": len(raw_items), "interactions": len(rows)}
-
-    if opts.min_rating is not None:
-        rows = [r for r in rows if r.rating is not None and r.rating >= opts.min_rating]
-    rows = _k_core(rows, opts.min_user_interactions, opts.min_item_interactions)
-    if not rows:
-        raise BadInputError(f"{raw_dir}: no interaction is left after the rating filter and the k-core (at least "
-                            f"{opts.min_user_interactions} per user, {opts.min_item_interactions} per item)")
-    kept_items = raw_items if opts.min_item_interactions <= 0 else {r.item: raw_items[r.item] for r in rows}
-
-    # Id maps: contiguous indices in natural id order, so they do not depend on file order.
-    user_ids = sorted({r.user for r in rows}, key=_natural_key)
-    item_ids = sorted(kept_items, key=_natural_key)
-    user_index = {u: i for i, u in enumerate(user_ids)}
-    item_index = {it: i for i, it in enumerate(item_ids)}
-
-    images = _load_images([kept_items[i] for i in item_ids], raw_dir, ledger, opts)
-    texts = [kept_items[i].text for i in item_ids]
-
-    # Cold items: a seeded fraction of the items that have interactions, never seen in training.
-    rng = random.Random(opts.seed)
-    interacted = sorted({item_index[r.item] for r in rows})
-    cold = set(rng.sample(interacted, int(round(opts.cold_item_fraction * len(interacted)))))
-
-    sequences: dict[int, list[tuple[float, int, int]]] = defaultdict(list)
-    for r in rows:
-        sequences[user_index[r.user]].append((r.timestamp, r.line, item_index[r.item]))
-
-    samples: dict[str, list[tuple[int, int, list[int]]]] = {s: [] for s in ("train", "valid", "test", "cold")}
-    seen_indptr, seen_items = [0], []
-    for user in range(len(user_ids)):
-        sequence = [item for _, _, item in sorted(sequences[user])]  # by time, ties by file line
-        by_split, warm = _split_user(sequence, cold)
-        for split, entries in by_split.items():
-            for position, item in entries:
-                samples[split].append((user, item, warm[max(0, position - opts.max_history) : position]))
-        seen_items.extend(sorted(set(warm[: max(len(warm) - 2, 0)])))
-        seen_indptr.append(len(seen_items))
-    # Train samples are written in a seeded random order so each shard mixes many users.
-    random.Random(opts.seed + 1).shuffle(samples["train"])
-
-    dataset = _Dataset(user_ids, item_ids, texts, images, cold, samples, seen_indptr, seen_items,
-                       {"raw": raw_counts, "kept": {"users": len(user_ids), "items": len(item_ids), "interactions": len(rows)}})
-    try:
-        manifest = _write(staging, out_dir, dataset, ledger, opts, raw_dir)
-    except OSError as e:
-        free = shutil.disk_usage(staging.parent).free / 2**20
-        raise BuildError(f"writing {out_dir} failed: {e} ({free:.0f} MiB free there); {out_dir} is unchanged") from e
-    manifest["bad_input_report"] = ledger.report()
-    return manifest
-
-
-@dataclass
-class _Dataset:
-    """Everything a build writes, held in memory."""
-
-    user_ids: list[str]
-    item_ids: list[str]
-    texts: list[str]
-    images: dict[str, tuple[bytes, str]]
-    cold: set[int]
-    samples: dict[str, list[tuple[int, int, list[int]]]]
-    seen_indptr: list[int]
-    seen_items: list[int]
-    counts: dict
-
-
-def _write(staging: Path, out_dir: Path, data: _Dataset, ledger: Ledger, opts: BuildOptions, raw_dir: Path) -> dict:
-    """Writes the folder into `staging`, then swaps it in for `out_dir`."""
+    for name in (fmt.items_file, fmt.interactions_file):
+        if not (raw_dir / name).is_file():
+            raise FileNotFoundError(f"{raw_dir / name} does not exist (the raw layout: docs/data-format.md)")
+    started = time.monotonic()
     shutil.rmtree(staging, ignore_errors=True)  # a crashed build's leftovers (the caller holds the lock)
-    staging.mkdir(parents=True)
-    max_bytes = int(opts.shard_size_mb * 2**20)
-    user_ids, item_ids, texts, images, cold, samples = data.user_ids, data.item_ids, data.texts, data.images, data.cold, data.samples
-
-    shard_lists = {"items": _write_items(staging, texts, item_ids, images, max_bytes, opts)}
-    for split, split_samples in samples.items():
-        shard_lists[split] = _write_interactions(staging, split, split_samples, texts, item_ids, images, max_bytes, opts)
-
-    np.savez(staging / "seen.npz", indptr=np.asarray(data.seen_indptr, np.int64), items=np.asarray(data.seen_items, np.int64))
-    (staging / "user_ids.json").write_text(json.dumps(user_ids))
-    (staging / "item_ids.json").write_text(json.dumps(item_ids))
-
-    manifest = {
-        "format": FORMAT_VERSION,
-        "num_users": len(user_ids),
-        "num_items": len(item_ids),
-        "max_history": opts.max_history,
-        "cold_items": sorted(cold),
-        "counts": {
-            **data.counts,
-            "samples": {split: len(s) for split, s in samples.items()},
-            "images_present": len(images),
-            "images_missing": len(item_ids) - len(images),
-            "items_without_text": sum(1 for t in texts if not t),
-            "cold_items": len(cold),
-        },
-        "bad_input": ledger.as_dict(),
-        "shards": shard_lists,
-        "options": _options_dict(opts, raw_dir),
-    }
+    # The pool is forked before DuckDB starts its threads.
+    executor = RayExecutor(opts.ray_address) if opts.ray_address else LocalExecutor(opts.workers)
+    work = Path(opts.work_dir) / f"{out_dir.name}.work" if opts.work_dir else staging / ".work"
+    try:
+        staging.mkdir(parents=True)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        disk = _DiskPeak(work)
+        manifest = _stages(raw_dir, staging, work, opts, executor, disk, stage_seconds := {})
+    except duckdb.OutOfMemoryException as e:
+        raise BuildError(f"the relational stage needs more memory than memory_limit_mb={opts.memory_limit_mb} (--memory-limit) "
+                         f"allows: {_describe(e)}; {out_dir} is unchanged") from e
+    except (OSError, duckdb.IOException) as e:
+        free = shutil.disk_usage(staging.parent).free / 2**20
+        raise BuildError(f"writing {out_dir} failed: {_describe(e)} ({free:.0f} MiB free there); {out_dir} is unchanged") from e
+    finally:
+        executor.close()
+        shutil.rmtree(work, ignore_errors=True)
+    own, children = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    manifest["build"] = {"seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(max(own, children)),
+                         "temp_disk_mb": round(disk.peak / 2**20), "writers": executor.workers, "nodes": len(executor.nodes),
+                         "executor": "ray" if opts.ray_address else "local", "stage_seconds": stage_seconds}
+    report = manifest.pop("bad_input_report")
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    manifest["bad_input_report"] = report
 
     # Swap the finished folder in; the old one is removed only after the new one is in place.
     old = out_dir.with_name(out_dir.name + ".old")
@@ -329,9 +167,200 @@ def _write(staging: Path, out_dir: Path, data: _Dataset, ledger: Ledger, opts: B
     return manifest
 
 
+def _describe(error: Exception) -> str:
+    """An OSError as it prints; DuckDB's own I/O errors with the errno a disk-full OSError would give."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, duckdb.Error) and "No space left on device" in text:
+        return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} (DuckDB: {text})"
+    return text
+
+
+class _DiskPeak:
+    """The largest size the work folder reached at the end of any stage (DuckDB's spill included)."""
+
+    def __init__(self, work: Path):
+        self.work, self.peak = work, 0
+
+    def sample(self) -> None:
+        used = sum(p.stat().st_blocks * 512 for p in self.work.rglob("*") if p.is_file())
+        self.peak = max(self.peak, used)
+
+
+def _scan(scanner, path: Path, fmt: RawFormat, strict: bool, job) -> Ledger:
+    (start, end, first_line), out = job
+    return scanner(path, fmt, start, end, first_line, out, strict)
+
+
+def _scan_file(scanner, path: Path, skip_lines: int, work: Path, opts: BuildOptions, executor: Executor, ledger: Ledger) -> list[Path]:
+    """Scans a raw file in line ranges across the workers; returns the files of readable records, in file order."""
+    ranges = line_ranges(path, max(executor.workers * 4, path.stat().st_size // SCAN_BYTES + 1), skip_lines)
+    jobs = [(r, work / f"{path.stem}-{k:05d}.scan") for k, r in enumerate(ranges)]
+    ledgers = executor.map(partial(_scan, scanner, path, opts.raw_format, opts.strict), jobs, f"scan {path.name}",
+                           opts.progress, total=path.stat().st_size, weight=lambda job: job[0][1] - job[0][0])
+    for part in ledgers:
+        ledger.merge(part)
+    return [out for _, out in jobs]
+
+
+def _check_images(root: Path, max_bytes: int, max_pixels: int, batch: list[tuple[int, int, str]]) -> list[tuple[str, int, str]]:
+    paths = ImagePaths(root)
+    return [check_image(image, paths, max_bytes, max_pixels) for _, _, image in batch]
+
+
+def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, executor: Executor, disk: _DiskPeak,
+            stage_seconds: dict[str, float]) -> dict:
+    """Runs the build's stages, recording each one's wall time in `stage_seconds`."""
+    fmt, progress = opts.raw_format, opts.progress
+    clock = time.monotonic()
+
+    def finished(stage: str) -> None:
+        nonlocal clock
+        stage_seconds[stage], clock = round(time.monotonic() - clock, 1), time.monotonic()
+    ledger = Ledger(strict=opts.strict)
+    max_bytes = int(opts.shard_size_mb * 2**20)
+
+    # -- scan and relate ------------------------------------------------------------------------------------------
+    relations = Relations(work, fmt, raw_dir, ledger, opts.memory_limit_mb, opts.workers)
+    try:
+        relations.load_items(_scan_file(scan_items, raw_dir / fmt.items_file, 0, work, opts, executor, ledger))
+        interaction_columns(raw_dir / fmt.interactions_file, fmt)  # a bad header is named before any row is read
+        raw_counts = relations.load_interactions(
+            _scan_file(scan_interactions, raw_dir / fmt.interactions_file, 1, work, opts, executor, ledger))
+        disk.sample()
+        finished("scan")
+        for part in work.glob("*.scan"):
+            part.unlink()
+        steps = tqdm(total=4, desc="relate", disable=not progress)
+        relations.filter(opts.min_rating, opts.min_user_interactions, opts.min_item_interactions)
+        steps.update()
+        num_users, num_items = relations.number(opts.min_item_interactions)
+        kept_interactions = relations.kept_interactions()
+        steps.update()
+        for name, table in (("user_ids.json", "user_map"), ("item_ids.json", "item_map")):
+            _write_json_list(staging / name, relations.ids(table))
+
+        finished("relate")
+
+        # -- images: checked once per item, in parallel ------------------------------------------------------------
+        named = relations.images()
+        batches = [named[k : k + 256] for k in range(0, len(named), 256)]
+        checked = executor.map(partial(_check_images, raw_dir, int(opts.max_image_mb * 2**20), opts.max_image_pixels), batches,
+                               "images", progress, total=len(named), weight=len)
+        image_ext, image_size = np.zeros(num_items, np.uint8), np.zeros(num_items, np.int64)
+        for (item, line, path), (ext, size, error) in zip(named, (r for batch in checked for r in batch)):
+            if not error:
+                image_ext[item], image_size[item] = IMAGE_EXT_CODES[ext], size
+                continue
+            kind, _, detail = error.partition(":")
+            ledger.record(kind, fmt.items_file, line, fmt.image_field, f"{raw_dir / path} {detail or 'does not exist'}".strip())
+        np.save(work / "image_ext.npy", image_ext)
+        np.save(work / "image_size.npy", image_size)
+        finished("images")
+
+        cold = relations.split(opts.cold_item_fraction, opts.seed)
+        steps.update()
+        relations.write_sequences(num_users)
+        relations.write_seen(staging / "seen.npz")
+        text_bytes = relations.text_bytes()
+        steps.update()
+        steps.close()
+        disk.sample()
+        finished("split")
+
+        # -- write: item shards, then each split's samples ---------------------------------------------------------
+        for folder in ("items",) + SPLITS:
+            (staging / folder).mkdir()
+        ctx = WriteContext(raw_dir, work, staging, opts.max_history, opts.embed_target_content)
+        image_bytes = np.where(image_ext > 0, image_size, -1)
+
+        def item_sizes():
+            first = 0
+            for ids in relations.ids("item_map"):
+                index = np.arange(first, first + len(ids))
+                header = np.array([len(item_header(int(i), raw_id, bool(image_ext[i]))) for i, raw_id in zip(index, ids)], np.int64)
+                yield member_sizes(header, text_bytes[index], image_bytes[index])
+                first += len(ids)
+
+        item_tasks = [ShardTask("items", k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(item_sizes(), max_bytes))]
+        written = executor.map(partial(write_item_shard, ctx=ctx), item_tasks, "items", progress, total=num_items,
+                               weight=lambda task: task.count)
+        shard_lists = {"items": [{k: w[k] for k in ("path", "samples", "bytes")} for w in written]}
+        _write_item_index(staging, item_tasks, written, image_ext, num_items)
+        finished("items")
+
+        indptr = np.load(work / "warm_indptr.npy")
+        digits = np.load(work / "warm_digits.npy", mmap_mode="r")
+        ctx = WriteContext(raw_dir, work, staging, opts.max_history, opts.embed_target_content, tuple(s["path"] for s in shard_lists["items"]))
+        samples = {}
+        for split in SPLITS:
+            def sample_sizes(split=split):
+                for chunk in relations.sample_chunks(split):
+                    header = header_lengths(split, chunk["u"], chunk["pos"], chunk["i"], opts.max_history, indptr, digits)
+                    if not opts.embed_target_content:
+                        yield member_sizes(header)
+                    else:
+                        yield member_sizes(header, text_bytes[chunk["i"]], image_bytes[chunk["i"]])
+
+            samples[split] = relations.sample_count(split)
+            tasks = [ShardTask(split, k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(sample_sizes(), max_bytes))]
+            shard_lists[split] = executor.map(partial(write_sample_shard, ctx=ctx), tasks, split, progress, total=samples[split],
+                                              weight=lambda task: task.count)
+        disk.sample()
+        finished("samples")
+    finally:
+        relations.close()
+
+    present = int((image_ext > 0).sum())
+    return {
+        "format": FORMAT_VERSION,
+        "num_users": num_users,
+        "num_items": num_items,
+        "max_history": opts.max_history,
+        "cold_items": cold,
+        "counts": {
+            "raw": raw_counts,
+            "kept": {"users": num_users, "items": num_items, "interactions": kept_interactions},
+            "samples": samples,
+            "images_present": present,
+            "images_missing": num_items - present,
+            "items_without_text": int((text_bytes == 0).sum()),
+            "cold_items": len(cold),
+        },
+        "bad_input": ledger.as_dict(),
+        "bad_input_report": ledger.report(),
+        "shards": shard_lists,
+        "options": _options_dict(opts, raw_dir),
+    }
+
+
+def _write_json_list(path: Path, chunks: Iterator[list[str]]) -> None:
+    """json.dumps(list) written chunk by chunk."""
+    with open(path, "w") as f:
+        f.write("[")
+        first = True
+        for chunk in chunks:
+            if chunk:
+                f.write(("" if first else ", ") + json.dumps(chunk)[1:-1])
+                first = False
+        f.write("]")
+
+
+def _write_item_index(staging: Path, tasks: list[ShardTask], written: list[dict], image_ext: np.ndarray, num_items: int) -> None:
+    """items/index.npz: where each item's text and image lie in the item shards."""
+    index = {name: np.zeros(num_items, np.int64) for name in ("image_offset", "image_size", "text_offset", "text_size")}
+    shard = np.zeros(num_items, np.int32)
+    for task, result in zip(tasks, written):
+        part = slice(task.first, task.first + task.count)
+        shard[part] = task.number
+        for name in index:
+            index[name][part] = result["index"][name]
+    np.savez(staging / "items" / "index.npz", shard=shard, image_offset=index["image_offset"], image_size=index["image_size"],
+             image_ext=image_ext, text_offset=index["text_offset"], text_size=index["text_size"])
+
+
 def _options_dict(opts: BuildOptions, raw_dir: Path) -> dict:
     options = asdict(opts)
-    for transient in ("workers", "progress"):  # they do not change the output
+    for transient in ("workers", "progress", "memory_limit_mb", "work_dir", "ray_address"):  # they do not change the output
         options.pop(transient)
     options["raw_format"]["text_fields"] = list(opts.raw_format.text_fields)
     options["raw_format"]["rating_range"] = list(opts.raw_format.rating_range)
@@ -339,50 +368,4 @@ def _options_dict(opts: BuildOptions, raw_dir: Path) -> dict:
     return options
 
 
-def _item_members(item: int, texts: list[str], item_ids: list[str], images: dict, header: dict) -> dict[str, bytes]:
-    members = {"json": json.dumps(header, sort_keys=True).encode(), "txt": texts[item].encode()}
-    image = images.get(item_ids[item])
-    if image is not None:
-        data, ext = image
-        members[ext] = data
-    return members
-
-
-def _write_items(staging: Path, texts, item_ids, images, max_bytes: int, opts: BuildOptions) -> list[dict]:
-    writer = ShardWriter(staging / "items", "items", max_bytes)
-    n = len(item_ids)
-    shard = np.zeros(n, np.int32)
-    image_offset, image_size = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    text_offset, text_size = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    image_ext = np.zeros(n, np.uint8)
-    for item in tqdm(range(n), desc="items", disable=not opts.progress):
-        header = {"item": item, "raw_id": item_ids[item], "has_image": item_ids[item] in images}
-        members = _item_members(item, texts, item_ids, images, header)
-        shard[item], offsets = writer.write(f"{item:09d}", members)
-        text_offset[item], text_size[item] = offsets["txt"]
-        for ext, code in IMAGE_EXT_CODES.items():
-            if ext in offsets:
-                image_offset[item], image_size[item] = offsets[ext]
-                image_ext[item] = code
-    shards = writer.close()
-    np.savez(
-        staging / "items" / "index.npz",
-        shard=shard, image_offset=image_offset, image_size=image_size, image_ext=image_ext,
-        text_offset=text_offset, text_size=text_size,
-    )
-    return shards
-
-
-def _write_interactions(staging: Path, split: str, split_samples, texts, item_ids, images, max_bytes: int, opts: BuildOptions) -> list[dict]:
-    writer = ShardWriter(staging / split, split, max_bytes)
-    for n, (user, item, history) in enumerate(tqdm(split_samples, desc=split, disable=not opts.progress)):
-        header = {"user": user, "history": history, "target": item, "split": split}
-        if opts.embed_target_content:
-            members = _item_members(item, texts, item_ids, images, header)
-        else:
-            members = {"json": json.dumps(header, sort_keys=True).encode()}
-        writer.write(f"{split}{n:010d}", members)
-    return writer.close()
-
-
-__all__ = ["BuildOptions", "BuildError", "ShardWriter", "build_shards", "BadInputError"]
+__all__ = ["BuildOptions", "BuildError", "build_shards", "BadInputError"]

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-FORMAT_VERSION = "mmscale-shards/1"
+FORMAT_VERSION = "mmscale-shards/2"  # 2: train samples in a hashed order (the out-of-core build)
 SPLITS = ("train", "valid", "test", "cold")
 IMAGE_KEYS = ("jpg", "png", "webp", "gif", "bmp")
 # uint8 codes for image extensions in the item index; 0 means "no image"
@@ -51,7 +51,7 @@ def load_manifest(shard_dir: str | Path) -> dict:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ShardFormatError(f"{path}: format {found!r}, expected {FORMAT_VERSION!r}")
+        raise ShardFormatError(f"{path}: format {found!r}, expected {FORMAT_VERSION!r}: rebuild it with tools/build_shards.py")
     for split, shards in manifest["shards"].items():
         for shard in shards:
             shard_path = shard_dir / shard["path"]

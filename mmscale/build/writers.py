@@ -1,0 +1,328 @@
+"""Tar shards written in parallel: each shard is planned before any is written, so the output is the same bytes
+whatever the number of writers and wherever they run (a process pool here, Ray tasks on a cluster).
+
+A plan fixes each shard's samples from their exact sizes (tar headers and padding included), with the rule a
+single sequential writer would follow: a shard is closed before the sample that would take it over the size
+limit. A writer then needs only its shard's rows, which it reads from the relational stage's files.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import duckdb
+import numpy as np
+from tqdm import tqdm
+
+from ..data.format import IMAGE_EXT_CODES, IMAGE_KEYS
+from .raw import ImagePaths
+
+BLOCK = 512  # a tar header, and the unit member data is padded to
+
+
+def _template() -> tuple[bytes, int]:
+    """tarfile's USTAR header for a regular file with an empty name, size 0, mode 0644 and no time, owner or group
+    (what makes shards reproducible), with its checksum field as spaces; and the sum of its bytes so."""
+    info = tarfile.TarInfo("")
+    info.mode, info.mtime, info.size = 0o644, 0, 0
+    head = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    head[124:136] = bytes(12)  # the size field is filled per member
+    head[148:156] = b" " * 8  # as tar sums it
+    return bytes(head), sum(head)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _template()
+_RECORD = 20 * BLOCK  # tar archives end on whole 10 KiB records, as tarfile writes them
+_ZEROS = bytes(BLOCK)
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The header tarfile writes for a member with this name (ASCII, at most 100 bytes) and size; built here because
+    tarfile's generic path costs ~100 us per member, most of a writer's time. Checked against tarfile in the tests."""
+    size_field = b"%011o\0" % size
+    checksum = _TEMPLATE_SUM + sum(name) + sum(size_field)
+    return name.ljust(100, b"\0") + _TEMPLATE[100:124] + size_field + _TEMPLATE[136:148] + b"%06o\0 " % checksum + _TEMPLATE[156:]
+
+
+class ShardWriter:
+    """Writes samples into one tar shard, deterministically: headers carry no time, owner or mode of the build
+    machine, so the same samples give the same bytes. The shard is written as NAME.tar.tmp and renamed when
+    complete."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path.with_suffix(".tar.tmp"), "wb", buffering=1 << 20)
+        self.offset = 0
+        self.samples = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> dict[str, tuple[int, int]]:
+        """Adds one sample; returns member -> (data offset, size) in the shard."""
+        offsets, parts = {}, []
+        for ext, data in members.items():
+            name = f"{key}.{ext}".encode()
+            if len(name) > 100 or not name.isascii():
+                raise ValueError(f"tar member name {name!r}: more than 100 bytes or not ASCII")
+            size = len(data)
+            offsets[ext] = (self.offset + BLOCK, size)
+            pad = -size % BLOCK
+            parts += (ustar_header(name, size), data, _ZEROS[:pad])
+            self.offset += BLOCK + size + pad
+        self._file.write(b"".join(parts))
+        self.samples += 1
+        return offsets
+
+    def close(self, task: "ShardTask") -> int:
+        """Finishes the shard, which must hold what its task planned; returns its size in bytes."""
+        if (self.samples, self.offset) != (task.count, task.size):
+            raise RuntimeError(f"{self.path}: {self.samples} samples in {self.offset} bytes, the plan said {task.count} in "
+                               f"{task.size}: the shard plan does not match the writer (a bug)")
+        end = self.offset + 2 * BLOCK
+        self._file.write(bytes(2 * BLOCK + -end % _RECORD))
+        self._file.close()
+        tmp = self.path.with_suffix(".tar.tmp")
+        size = tmp.stat().st_size
+        os.replace(tmp, self.path)
+        return size
+
+
+def padded(sizes: np.ndarray) -> np.ndarray:
+    """Bytes a member of each size takes in a tar: its header and its data padded to whole blocks."""
+    return BLOCK + (sizes + BLOCK - 1) // BLOCK * BLOCK
+
+
+def plan_shards(chunks: Iterable[tuple[np.ndarray, np.ndarray]], max_bytes: int) -> list[tuple[int, int, int]]:
+    """Cuts a sequence of samples into shards; returns (first sample, count, bytes of members) of each.
+
+    chunks: (member sizes summed with a worst-case block each, member sizes as padded in the tar) per sample. A
+    shard is closed when its tar offset plus the next sample's worst case would exceed `max_bytes` (a shard of one
+    sample may); the rule a writer that fills shards one after another applies.
+    """
+    shards, first, index, offset, samples = [], 0, 0, 0, 0
+    for worst, exact in chunks:
+        for w, e in zip(worst.tolist(), exact.tolist()):
+            if samples and offset + w > max_bytes:
+                shards.append((first, samples, offset))
+                first, offset, samples = index, 0, 0
+            offset += e
+            samples += 1
+            index += 1
+    if samples:
+        shards.append((first, samples, offset))
+    return shards
+
+
+def member_sizes(*lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(worst case, exact) tar bytes of samples whose members have these lengths (a length < 0: no such member)."""
+    worst = sum(np.where(n >= 0, BLOCK + n + BLOCK - 1, 0) for n in lengths)
+    exact = sum(np.where(n >= 0, padded(np.maximum(n, 0)), 0) for n in lengths)
+    return np.asarray(worst, np.int64), np.asarray(exact, np.int64)
+
+
+# -- what a writer needs, and the two kinds of shard -----------------------------------------------------------------
+@dataclass(frozen=True)
+class WriteContext:
+    """Everything a shard writer reads, by path: picklable, and valid on any node that sees these folders."""
+
+    raw_dir: Path
+    work: Path
+    staging: Path
+    max_history: int
+    embed_target_content: bool
+    item_shards: tuple[str, ...] = ()  # the item shards' paths in staging, once written
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    split: str  # "items", or a sample split
+    number: int
+    first: int
+    count: int
+    size: int  # the planned bytes of its members: what the writer must reach, or the plan and the writer disagree
+
+    @property
+    def path(self) -> str:
+        folder = self.split
+        return f"{folder}/{folder}-{self.number:06d}.tar"
+
+
+def item_header(item: int, raw_id: str, has_image: bool) -> bytes:
+    return json.dumps({"item": item, "raw_id": raw_id, "has_image": has_image}, sort_keys=True).encode()
+
+
+def _rows(parquet: Path, key: str, columns: tuple[str, ...], first: int, count: int, arrays: bool = False):
+    """Rows first..first+count-1 of a file the relational stage exported, ordered by `key`: tuples, or a numpy array
+    per column."""
+    with duckdb.connect(config={"threads": 1}) as db:
+        result = db.execute(f"SELECT {', '.join(columns)} FROM read_parquet($1) WHERE {key} >= $2 AND {key} < $3 ORDER BY {key}",
+                            [str(parquet), first, first + count])
+        return result.fetchnumpy() if arrays else result.fetchall()
+
+
+def read_image(paths: ImagePaths, image: str, size: int) -> bytes:
+    """The image file checked earlier in the build, read again without decoding; refused if it left the dataset
+    folder or changed size since."""
+    resolved = paths.resolve(image)
+    if paths.inside(resolved) and stat.S_ISREG(os.stat(resolved).st_mode):
+        with open(resolved, "rb") as f:
+            data = f.read()
+        if len(data) == size:
+            return data
+    raise OSError(f"{os.path.join(paths.root, image)} changed while the build was running; build again")
+
+
+def write_item_shard(task: ShardTask, ctx: WriteContext) -> dict:
+    """Writes one item shard; returns its manifest entry and the offsets of each item's text and image."""
+    images = np.load(ctx.work / "image_ext.npy", mmap_mode="r"), np.load(ctx.work / "image_size.npy", mmap_mode="r")
+    writer, paths = ShardWriter(ctx.staging / task.path), ImagePaths(ctx.raw_dir)
+    n = task.count
+    index = {name: np.zeros(n, np.int64) for name in ("text_offset", "text_size", "image_offset", "image_size")}
+    for k, (item, raw_id, text, image) in enumerate(_rows(ctx.work / "items.parquet", "i", ("i", "id", "text", "image"), task.first, n)):
+        code = int(images[0][item])
+        members = {"json": item_header(item, raw_id, bool(code)), "txt": text.encode()}
+        if code:
+            members[IMAGE_KEYS[code - 1]] = read_image(paths, image, int(images[1][item]))
+        offsets = writer.write(f"{item:09d}", members)
+        index["text_offset"][k], index["text_size"][k] = offsets["txt"]
+        if code:
+            index["image_offset"][k], index["image_size"][k] = offsets[IMAGE_KEYS[code - 1]]
+    return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task), "index": index}
+
+
+class _ItemContent:
+    """Text and image bytes of any item, sliced from the item shards this build wrote."""
+
+    def __init__(self, ctx: WriteContext):
+        self.index = np.load(ctx.staging / "items" / "index.npz")
+        self.maps: list[mmap.mmap] = []
+        for path in ctx.item_shards:
+            with open(ctx.staging / path, "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+    def members(self, items: np.ndarray) -> Iterator[dict[str, bytes]]:
+        """The content members of each of these items, in order."""
+        columns = ("shard", "text_offset", "text_size", "image_ext", "image_offset", "image_size")
+        for shard, text, text_size, ext, image, image_size in zip(*(self.index[c][items].tolist() for c in columns)):
+            data = self.maps[shard]
+            out = {"txt": data[text : text + text_size]}
+            if ext:
+                out[IMAGE_KEYS[ext - 1]] = data[image : image + image_size]
+            yield out
+
+
+def sample_header(user: int, target: int, split: str, history: Sequence[int]) -> bytes:
+    """json.dumps({"history", "split", "target", "user"}, sort_keys=True), written out: the lengths the plan
+    counts on (header_lengths) follow from it."""
+    return ('{"history": [' + ", ".join(map(str, history)) + f'], "split": "{split}", "target": {target}, "user": {user}}}').encode()
+
+
+def header_lengths(split: str, users: np.ndarray, positions: np.ndarray, targets: np.ndarray, max_history: int,
+                   indptr: np.ndarray, digits: np.ndarray) -> np.ndarray:
+    """Byte length of each sample's sample_header, computed from the digit prefix sums of the warm sequences."""
+    from .relational import decimal_digits
+
+    start = indptr[users]
+    begin, end = start + np.maximum(0, positions - max_history), start + positions
+    count = end - begin
+    history = digits[end] - digits[begin] + 2 * np.maximum(count - 1, 0)
+    fixed = len(sample_header(0, 0, split, [])) - 2
+    return fixed + history + decimal_digits(targets) + decimal_digits(users)
+
+
+def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
+    """Writes one shard of a split's samples: a header with the user's history, and the target's content when the
+    samples embed it."""
+    warm = np.asarray(np.load(ctx.work / "warm.npy", mmap_mode="r"))  # a plain array on the map: fast slices
+    indptr = np.load(ctx.work / "warm_indptr.npy", mmap_mode="r")
+    rows = _rows(ctx.work / f"{task.split}.parquet", "n", ("n", "u", "pos", "i"), task.first, task.count, arrays=True)
+    start = indptr[rows["u"]]
+    begin, end = start + np.maximum(0, rows["pos"] - ctx.max_history), start + rows["pos"]
+    content = _ItemContent(ctx).members(rows["i"]) if ctx.embed_target_content else repeat({})
+    writer = ShardWriter(ctx.staging / task.path)
+    for n, user, target, first, last, members in zip(*(a.tolist() for a in (rows["n"], rows["u"], rows["i"], begin, end)), content):
+        header = sample_header(user, target, task.split, warm[first:last].tolist())
+        writer.write(f"{task.split}{n:010d}", {"json": header} | members)
+    return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
+
+
+# -- where the work runs ---------------------------------------------------------------------------------------------
+class Executor:
+    """Runs a function over tasks and returns the results in task order, with a progress bar."""
+
+    workers: int = 1
+    nodes: set[str]  # the machines that ran a task
+
+    def map(self, fn: Callable, tasks: Sequence, desc: str, progress: bool, total: int | None = None,
+            weight: Callable = lambda task: 1) -> list:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(results: Iterator, tasks: Sequence, desc: str, progress: bool, total: int | None, weight: Callable) -> list:
+    out = []
+    with tqdm(total=total if total is not None else len(tasks), desc=desc, disable=not progress, unit_scale=True) as bar:
+        for task, result in zip(tasks, results):
+            out.append(result)
+            bar.update(weight(task))
+    return out
+
+
+class LocalExecutor(Executor):
+    """A pool of `workers` processes on this machine, forked before the build opens DuckDB (a fork copies no
+    database threads); one worker runs everything in this process."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+
+        self.workers, self.nodes = workers, {"this machine"}
+        self.pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+
+    def map(self, fn, tasks, desc, progress, total=None, weight=lambda task: 1):
+        results = self.pool.imap(fn, tasks) if self.pool else map(fn, tasks)
+        return _progress(results, tasks, desc, progress, total, weight)
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.close()
+            self.pool.join()
+
+
+def _apply(fn: Callable, task) -> tuple[str, object]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(task)
+
+
+class RayExecutor(Executor):
+    """Ray tasks on a running cluster (`ray start` on each node, the raw data, the output and the work folder on a
+    file system every node sees). Ray rather than Spark: a Python function per shard is all a writer is, and Ray
+    runs one without a JVM or a serialised dataframe in between."""
+
+    def __init__(self, address: str):
+        import ray
+
+        self.ray = ray
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.nodes = set()
+
+    def map(self, fn, tasks, desc, progress, total=None, weight=lambda task: 1):
+        remote = self.ray.remote(num_cpus=1)(_apply)
+        refs = [remote.remote(fn, task) for task in tasks]
+        return _progress((self._on_node(*self.ray.get(ref)) for ref in refs), tasks, desc, progress, total, weight)
+
+    def _on_node(self, node: str, result):
+        self.nodes.add(node)
+        return result
+
+    def close(self) -> None:
+        self.ray.shutdown()
