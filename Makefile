@@ -42,7 +42,7 @@ demo: setup
 	@echo "TensorBoard logs: $(RUN)/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(RUN)/tensorboard)"
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 clean:
 	rm -rf $(BUILD) runs

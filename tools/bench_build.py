@@ -80,7 +80,9 @@ def build(repo: Path, world: Path, out: Path, args: argparse.Namespace) -> dict:
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     start = time.perf_counter()
-    peak_kib = int(subprocess.run([sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True).stdout)
+    env = os.environ | {"PYTHONPATH": str(repo)}  # that checkout's library, not the one installed in the venv
+    peak_kib = int(subprocess.run([sys.executable, "-c", wrapper, *command], check=True, stdout=subprocess.PIPE, text=True,
+                                  env=env).stdout)
     seconds = time.perf_counter() - start
     manifest = json.loads((out / "manifest.json").read_text())
     return {"seconds": seconds, "interactions": manifest["counts"]["raw"]["interactions"], "samples": sum(manifest["counts"]["samples"].values()),

@@ -9,7 +9,6 @@ limit. A writer then needs only its shard's rows, which it reads from the relati
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import stat
 import tarfile
@@ -197,24 +196,28 @@ def write_item_shard(task: ShardTask, ctx: WriteContext) -> dict:
 
 
 class _ItemContent:
-    """Text and image bytes of any item, sliced from the item shards this build wrote."""
+    """Text and image bytes of any item, read from the item shards this build wrote. Read with pread rather than
+    mapped: mapped pages would count in the writer's RSS, up to the whole catalogue."""
 
     def __init__(self, ctx: WriteContext):
         self.index = np.load(ctx.staging / "items" / "index.npz")
-        self.maps: list[mmap.mmap] = []
-        for path in ctx.item_shards:
-            with open(ctx.staging / path, "rb") as f:
-                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        self.files = [os.open(ctx.staging / path, os.O_RDONLY) for path in ctx.item_shards]
 
     def members(self, items: np.ndarray) -> Iterator[dict[str, bytes]]:
-        """The content members of each of these items, in order."""
+        """The content members of each of these items, in order (an item's text and image are adjacent in its shard:
+        one read for both)."""
         columns = ("shard", "text_offset", "text_size", "image_ext", "image_offset", "image_size")
-        for shard, text, text_size, ext, image, image_size in zip(*(self.index[c][items].tolist() for c in columns)):
-            data = self.maps[shard]
-            out = {"txt": data[text : text + text_size]}
-            if ext:
-                out[IMAGE_KEYS[ext - 1]] = data[image : image + image_size]
-            yield out
+        try:
+            for shard, text, text_size, ext, image, image_size in zip(*(self.index[c][items].tolist() for c in columns)):
+                end = image + image_size if ext else text + text_size
+                data = os.pread(self.files[shard], end - text, text)
+                out = {"txt": data[:text_size]}
+                if ext:
+                    out[IMAGE_KEYS[ext - 1]] = data[image - text :]
+                yield out
+        finally:
+            for fd in self.files:
+                os.close(fd)
 
 
 def sample_header(user: int, target: int, split: str, history: Sequence[int]) -> bytes:
