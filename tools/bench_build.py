@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nbounds: disk write {disk_write_rate(out.parent):,.0f} MiB/s; image decode {decode_rate(world_for(sizes[0], worlds)):,.0f} "
           f"images/s on one core; load {os.getloadavg()[0]:.1f}")
     layout = "ids only" if args.no_target_content else "target content embedded"
-    print(f"\n| interactions | layout | build (s) | interactions/s | peak RSS (MiB) | temporary disk (MiB) | output (GB) | items (GB) |")
+    print("\n| interactions | layout | build (s) | interactions/s | peak RSS (MiB) | temporary disk (MiB) | output (GB) | items (GB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, f in rows:
         print(f"| {f['interactions']:,} | {layout} | {f['seconds']:.1f} | {f['interactions'] / f['seconds']:,.0f} | {f['peak_rss_mb']} | "

@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 from tqdm import tqdm
 
-from ..data.format import IMAGE_EXT_CODES, IMAGE_KEYS
+from ..data.format import IMAGE_KEYS
 from .raw import ImagePaths
 
 BLOCK = 512  # a tar header, and the unit member data is padded to
