@@ -3,6 +3,7 @@ filters, the bad-input ledger (and --strict), determinism and safe replacement o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -555,6 +556,20 @@ def test_output_does_not_depend_on_the_number_of_writers_or_the_memory_limit(sma
     two = build_shards(raw, tmp_path / "two", BuildOptions(workers=2, memory_limit_mb=128, **opts))
     assert (manifest["build"]["writers"], two["build"]["writers"]) == (1, 2)
     assert all_files(tmp_path / "two") == all_files(one)
+
+
+def test_train_order_is_the_md5_of_seed_user_and_position(small_world, shard_reader):
+    """The documented train order, which any tool can reproduce: by MD5("seed:user:position") read little-endian."""
+    _, one, manifest, _ = small_world
+    samples = shard_reader.tuples(shard_reader.split(one, manifest, "train", only=("json",)))
+    keys = [(user, len(history)) for user, _, history in samples]  # at most 30 per user: the history is every earlier item
+    assert max(position for _, position in keys) < manifest["max_history"]
+    seed = manifest["options"]["seed"]
+
+    def digest(user: int, position: int) -> int:
+        return int.from_bytes(hashlib.md5(f"{seed}:{user}:{position}".encode()).digest(), "little")
+
+    assert keys == sorted(keys, key=lambda key: (digest(*key), *key)) and len(set(keys)) == len(keys) > 1000
 
 
 def test_a_two_node_ray_cluster_writes_the_same_bytes(small_world, ml100k_raw, ml100k_shards, tmp_path):

@@ -164,7 +164,9 @@ class Relations:
             "JOIN item_map ON kept.item = item_map.id LEFT JOIN cold ON cold.i = item_map.i)")
         self.db.execute("CREATE TABLE warm AS SELECT u, pos, i FROM events WHERE NOT cold ORDER BY u, pos")
         self.db.execute("CREATE TABLE warm_count AS SELECT u, count(*) FILTER (WHERE NOT cold) AS n FROM events GROUP BY u ORDER BY u")
-        self.db.execute("CREATE TABLE samples_train AS SELECT row_number() OVER (ORDER BY hash($1, u, pos), u, pos) - 1 AS n, u, pos, i "
+        # the train order: by MD5 of "seed:user:position", which any other tool (or DuckDB version) computes alike
+        self.db.execute("CREATE TABLE samples_train AS SELECT row_number() OVER (ORDER BY md5_number(concat($1, ':', u, ':', pos)), u, pos) "
+                        "- 1 AS n, u, pos, i "
                         "FROM warm JOIN warm_count USING (u) WHERE pos >= 1 AND pos <= n - 3", [seed])
         self.db.execute("CREATE TABLE samples_valid AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i "
                         "FROM warm JOIN warm_count USING (u) WHERE pos = n - 2")
