@@ -142,6 +142,9 @@ def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(world_sha
     survivors = [p for p in psutil.process_iter(["cmdline"]) if f"train.run_dir={killed_dir}" in (p.info["cmdline"] or [])]
     assert not survivors, "a rank outlived the job"
     print(f"job down {took:.1f} s after SIGKILL of rank 1")
+    port = command(world_shards, killed_dir)[4]
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")]
+    assert not left, f"DeepSpeed's shared-memory buffers outlived the job: {left}"
     resume_from = int((killed_dir / "checkpoints" / "latest").read_text()[4:])
     stop = resume_from + 2
     resumed = subprocess.run(command(world_shards, killed_dir, *saving, "--resume", "latest", "--stop-at", str(stop)), cwd=REPO,
