@@ -598,7 +598,7 @@ def test_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
     """The writer's own USTAR headers against tarfile's, member sizes around block edges included."""
     from mmscale.build.writers import ShardTask, ShardWriter
 
-    samples = [(f"train{k:010d}", {"json": b"{}" * k, "txt": bytes(range(256)) * (k % 5), "jpg": b"\xff" * (BLOCK_EDGES[k % 6])})
+    samples = [(b"train%010d" % k, {b"json": b"{}" * k, b"txt": bytes(range(256)) * (k % 5), b"jpg": b"\xff" * (BLOCK_EDGES[k % 6])})
                for k in range(40)]
     writer = ShardWriter(tmp_path / "ours.tar")
     for key, members in samples:
@@ -607,7 +607,7 @@ def test_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
     with tarfile.open(tmp_path / "theirs.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
+                info = tarfile.TarInfo(f"{key.decode()}.{ext.decode()}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
@@ -616,3 +616,27 @@ def test_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
 
 
 BLOCK_EDGES = (0, 1, 511, 512, 513, 10 * 2**20 + 3)
+
+
+@pytest.mark.parametrize("block", [1, 7, 4 << 20])
+def test_lines_are_read_a_block_at_a_time_as_one_at_a_time(block, tmp_path, monkeypatch):
+    """Decoding a block at once gives each line, its number and its bad-encoding report as reading line by line does:
+    blocks that cut lines (and lines longer than a block), CRLF, blank lines, a bad byte, no final newline."""
+    from mmscale.build import raw
+
+    data = b"u,i,t\r\nalpha,1,2\n\n\xff\xfebad,1,2\r\n" + b"long" * 40 + b",1,2\nb\xc3\xa9ta,3,4\r\r\nlast,5,6"
+    path = tmp_path / "interactions.csv"
+    path.write_bytes(data)
+    expected, reports = [], []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        try:
+            expected.append((number, line.decode("utf-8").rstrip("\r")))
+        except UnicodeDecodeError:
+            reports.append(f"{path}:{number}:")
+    monkeypatch.setattr(raw, "LINE_BLOCK", block)
+    for parts in (1, 3):
+        seen, ledger = [], raw.Ledger()
+        for start, end, first in raw.line_ranges(path, parts):
+            seen += raw._lines(path, ledger, start, end, first)
+        assert seen == expected
+        assert ledger.counts == {"bad_encoding": 1} and ledger.examples["bad_encoding"][0].startswith(reports[0])

@@ -162,20 +162,44 @@ def line_ranges(path: Path, parts: int, skip_lines: int = 0) -> list[tuple[int, 
     return ranges
 
 
+LINE_BLOCK = 4 << 20  # bytes read and decoded at once
+
+
 def _lines(path: Path, ledger: Ledger, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line in bytes [start, end); a line that is not UTF-8 is bad input, its
-    neighbours are read."""
+    """(line number, text) of each line in bytes [start, end), which start and end on line boundaries; a line that is
+    not UTF-8 is bad input, its neighbours are read. Decoded a block at a time: a block decodes exactly when each of
+    its lines does (no UTF-8 sequence holds a newline byte)."""
     with open(path, "rb") as f:
         f.seek(start)
-        position = start
-        for line_no, raw in enumerate(f, start=first_line):
-            if end is not None and position >= end:
-                return
-            position += len(raw)
+        left = (os.fstat(f.fileno()).st_size if end is None else end) - start
+        line_no, tail = first_line, b""
+        while left > 0:
+            block = f.read(min(left, LINE_BLOCK))
+            if not block:
+                break
+            left -= len(block)
+            block = tail + block
+            cut = block.rfind(b"\n") + 1 if left > 0 else len(block)  # whole lines now, the rest with the next block
+            block, tail = block[:cut], block[cut:]
+            if not block:
+                continue
             try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                ledger.record("bad_encoding", path, line_no, "-", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                lines = block.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                lines = None
+            pieces = block.split(b"\n") if lines is None else lines
+            if not pieces[-1]:
+                pieces.pop()  # nothing after the last newline
+            if lines is not None:
+                for k, text in enumerate(lines, line_no):
+                    yield k, text.rstrip("\r")
+            else:  # line by line, so a bad line is reported in its place among the others
+                for k, raw in enumerate(pieces, line_no):
+                    try:
+                        yield k, raw.decode("utf-8").rstrip("\r")
+                    except UnicodeDecodeError as e:
+                        ledger.record("bad_encoding", path, k, "-", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            line_no += len(pieces)
 
 
 def _valid_unicode(text: str) -> bool:

@@ -7,8 +7,9 @@ is left in the work folder as files any process (or node, on a shared file syste
 
     items.parquet                 i, raw id, text, image path: the kept items in index order
     SPLIT.parquet                 n, user, position, target: the samples of each split in shard order
-    warm.npy, warm_indptr.npy     each user's warm items by time (CSR): a sample's history is a slice
-    warm_digits.npy               prefix sums of the decimal digits of warm.npy (the headers' JSON lengths)
+    warm_text.bin, warm_indptr.npy  each user's warm items by time (CSR), as JSON text: item k's decimal digits and
+                                    ", " start at warm_digits[k] + 2k, so a sample's history is one slice of text
+    warm_digits.npy                 prefix sums of the decimal digits of the warm items (the headers' JSON lengths)
 
 DuckDB rather than Polars: its sorts, joins and window functions spill to disk under one memory limit, it
 reads and writes Parquet itself, and it needs no Arrow or pandas in the install.
@@ -191,19 +192,18 @@ class Relations:
             yield {name: np.asarray(values, np.int64) for name, values in chunk.items()}
 
     def write_sequences(self, num_users: int) -> None:
-        """warm.npy / warm_indptr.npy (each user's warm items by time) and warm_digits.npy (prefix sums of their
-        decimal digits), written in chunks."""
+        """warm_text.bin / warm_indptr.npy (each user's warm items by time, as the text headers hold them) and
+        warm_digits.npy (prefix sums of their decimal digits), written in chunks."""
         counts = self.db.execute("SELECT n FROM warm_count ORDER BY u").fetchnumpy()["n"].astype(np.int64)
         assert len(counts) == num_users
         indptr = np.concatenate([[0], np.cumsum(counts)])
         np.save(self.work / "warm_indptr.npy", indptr)
-        warm = np.lib.format.open_memmap(self.work / "warm.npy", mode="w+", dtype=np.int64, shape=(int(indptr[-1]),))
         digits = np.lib.format.open_memmap(self.work / "warm_digits.npy", mode="w+", dtype=np.int64, shape=(int(indptr[-1]) + 1,))
         digits[0] = 0
-        for start, stop, chunk in self._user_chunks("SELECT i FROM warm WHERE u >= $1 AND u < $2 ORDER BY u, pos", indptr):
-            warm[start:stop] = chunk["i"]
-            digits[start + 1 : stop + 1] = digits[start] + np.cumsum(decimal_digits(chunk["i"]))
-        warm.flush()
+        with open(self.work / "warm_text.bin", "wb") as text:
+            for start, stop, chunk in self._user_chunks("SELECT i FROM warm WHERE u >= $1 AND u < $2 ORDER BY u, pos", indptr):
+                digits[start + 1 : stop + 1] = digits[start] + np.cumsum(decimal_digits(chunk["i"]))
+                text.write("".join(f"{i}, " for i in chunk["i"].tolist()).encode())
         digits.flush()
 
     def write_seen(self, path: Path) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..data.format import IMAGE_KEYS
 from .raw import ImagePaths
 
+_IMAGE_EXTS = tuple(key.encode() for key in IMAGE_KEYS)
 BLOCK = 512  # a tar header, and the unit member data is padded to
 
 
@@ -62,19 +63,20 @@ class ShardWriter:
         self.offset = 0
         self.samples = 0
 
-    def write(self, key: str, members: dict[str, bytes]) -> dict[str, tuple[int, int]]:
-        """Adds one sample; returns member -> (data offset, size) in the shard."""
-        offsets, parts = {}, []
+    def write(self, key: bytes, members: dict[bytes, bytes]) -> dict[bytes, tuple[int, int]]:
+        """Adds one sample (its members by extension); returns extension -> (data offset, size) in the shard."""
+        offsets, out = {}, self._file.write
         for ext, data in members.items():
-            name = f"{key}.{ext}".encode()
+            name = b"%s.%s" % (key, ext)
             if len(name) > 100 or not name.isascii():
                 raise ValueError(f"tar member name {name!r}: more than 100 bytes or not ASCII")
             size = len(data)
             offsets[ext] = (self.offset + BLOCK, size)
             pad = -size % BLOCK
-            parts += (ustar_header(name, size), data, _ZEROS[:pad])
+            out(ustar_header(name, size))
+            out(data)
+            out(_ZEROS[:pad])
             self.offset += BLOCK + size + pad
-        self._file.write(b"".join(parts))
         self.samples += 1
         return offsets
 
@@ -185,13 +187,13 @@ def write_item_shard(task: ShardTask, ctx: WriteContext) -> dict:
     index = {name: np.zeros(n, np.int64) for name in ("text_offset", "text_size", "image_offset", "image_size")}
     for k, (item, raw_id, text, image) in enumerate(_rows(ctx.work / "items.parquet", "i", ("i", "id", "text", "image"), task.first, n)):
         code = int(images[0][item])
-        members = {"json": item_header(item, raw_id, bool(code)), "txt": text.encode()}
+        members = {b"json": item_header(item, raw_id, bool(code)), b"txt": text.encode()}
         if code:
-            members[IMAGE_KEYS[code - 1]] = read_image(paths, image, int(images[1][item]))
-        offsets = writer.write(f"{item:09d}", members)
-        index["text_offset"][k], index["text_size"][k] = offsets["txt"]
+            members[_IMAGE_EXTS[code - 1]] = read_image(paths, image, int(images[1][item]))
+        offsets = writer.write(b"%09d" % item, members)
+        index["text_offset"][k], index["text_size"][k] = offsets[b"txt"]
         if code:
-            index["image_offset"][k], index["image_size"][k] = offsets[IMAGE_KEYS[code - 1]]
+            index["image_offset"][k], index["image_size"][k] = offsets[_IMAGE_EXTS[code - 1]]
     return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task), "index": index}
 
 
@@ -211,47 +213,55 @@ class _ItemContent:
             for shard, text, text_size, ext, image, image_size in zip(*(self.index[c][items].tolist() for c in columns)):
                 end = image + image_size if ext else text + text_size
                 data = os.pread(self.files[shard], end - text, text)
-                out = {"txt": data[:text_size]}
+                out = {b"txt": data[:text_size]}
                 if ext:
-                    out[IMAGE_KEYS[ext - 1]] = data[image - text :]
+                    out[_IMAGE_EXTS[ext - 1]] = data[image - text :]
                 yield out
         finally:
             for fd in self.files:
                 os.close(fd)
 
 
-def sample_header(user: int, target: int, split: str, history: Sequence[int]) -> bytes:
-    """json.dumps({"history", "split", "target", "user"}, sort_keys=True), written out: the lengths the plan
-    counts on (header_lengths) follow from it."""
-    return ('{"history": [' + ", ".join(map(str, history)) + f'], "split": "{split}", "target": {target}, "user": {user}}}').encode()
+_SAMPLE_HEADER = b'{"history": [%s], "split": "%s", "target": %d, "user": %d}'
+
+
+def sample_header(user: int, target: int, split: bytes, history: bytes) -> bytes:
+    """json.dumps({"history", "split", "target", "user"}, sort_keys=True) from the history's JSON text (items joined
+    by ", "), written out: the lengths the plan counts on (header_lengths) follow from it."""
+    return _SAMPLE_HEADER % (history, split, target, user)
+
+
+def history_text_ranges(begin: np.ndarray, end: np.ndarray, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the histories made of warm items [begin, end) lie in warm_text.bin (item k's text starts at
+    digits[k] + 2k, each followed by ", ", which the last item of a history leaves out)."""
+    return digits[begin] + 2 * begin, digits[end] + 2 * end - 2 * (end > begin)
 
 
 def header_lengths(split: str, users: np.ndarray, positions: np.ndarray, targets: np.ndarray, max_history: int,
                    indptr: np.ndarray, digits: np.ndarray) -> np.ndarray:
-    """Byte length of each sample's sample_header, computed from the digit prefix sums of the warm sequences."""
+    """Byte length of each sample's sample_header."""
     from .relational import decimal_digits
 
     start = indptr[users]
-    begin, end = start + np.maximum(0, positions - max_history), start + positions
-    count = end - begin
-    history = digits[end] - digits[begin] + 2 * np.maximum(count - 1, 0)
-    fixed = len(sample_header(0, 0, split, [])) - 2
-    return fixed + history + decimal_digits(targets) + decimal_digits(users)
+    text_begin, text_end = history_text_ranges(start + np.maximum(0, positions - max_history), start + positions, digits)
+    fixed = len(sample_header(0, 0, split.encode(), b"")) - 2
+    return fixed + (text_end - text_begin) + decimal_digits(targets) + decimal_digits(users)
 
 
 def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
     """Writes one shard of a split's samples: a header with the user's history, and the target's content when the
     samples embed it."""
-    warm = np.asarray(np.load(ctx.work / "warm.npy", mmap_mode="r"))  # a plain array on the map: fast slices
     indptr = np.load(ctx.work / "warm_indptr.npy", mmap_mode="r")
+    digits = np.load(ctx.work / "warm_digits.npy", mmap_mode="r")
     rows = _rows(ctx.work / f"{task.split}.parquet", "n", ("n", "u", "pos", "i"), task.first, task.count, arrays=True)
     start = indptr[rows["u"]]
-    begin, end = start + np.maximum(0, rows["pos"] - ctx.max_history), start + rows["pos"]
+    text_begin, text_end = history_text_ranges(start + np.maximum(0, rows["pos"] - ctx.max_history), start + rows["pos"], digits)
     content = _ItemContent(ctx).members(rows["i"]) if ctx.embed_target_content else repeat({})
-    writer = ShardWriter(ctx.staging / task.path)
-    for n, user, target, first, last, members in zip(*(a.tolist() for a in (rows["n"], rows["u"], rows["i"], begin, end)), content):
-        header = sample_header(user, target, task.split, warm[first:last].tolist())
-        writer.write(f"{task.split}{n:010d}", {"json": header} | members)
+    writer, split = ShardWriter(ctx.staging / task.path), task.split.encode()
+    with open(ctx.work / "warm_text.bin", "rb") as f:
+        text = f.read(int(text_end.max(initial=0)))  # the whole of it, for a train shard: as large as the warm items' JSON
+    for n, user, target, first, last, members in zip(*(a.tolist() for a in (rows["n"], rows["u"], rows["i"], text_begin, text_end)), content):
+        writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[first:last])} | members)
     return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
 
 
