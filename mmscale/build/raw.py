@@ -339,6 +339,7 @@ class ImagePaths:
 
     def __init__(self, root: Path):
         self.root, self.real_root = str(root), os.path.realpath(root)
+        self._inside_prefix = os.path.join(self.real_root, "")  # the root and a separator: what a path inside starts with
         self._folders: dict[str, str] = {}
 
     def resolve(self, image: str) -> str:
@@ -351,7 +352,9 @@ class ImagePaths:
         return os.path.join(self._folders[folder], name)
 
     def inside(self, resolved: str) -> bool:
-        return os.path.commonpath([resolved, self.real_root]) == self.real_root
+        """For a path resolved as above (absolute, normalised); a prefix test, as commonpath would answer, at a tenth
+        of its cost."""
+        return resolved == self.real_root or resolved.startswith(self._inside_prefix)
 
 
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
