@@ -172,17 +172,17 @@ def _lines(path: Path, ledger: Ledger, start: int = 0, end: int | None = None, f
     with open(path, "rb") as f:
         f.seek(start)
         left = (os.fstat(f.fileno()).st_size if end is None else end) - start
-        line_no, pending = first_line, []  # the start of a line that goes on in the next block
+        line_no, tail = first_line, b""
         while left > 0:
             block = f.read(min(left, LINE_BLOCK))
             if not block:
                 break
             left -= len(block)
+            block = tail + block
             cut = block.rfind(b"\n") + 1 if left > 0 else len(block)  # whole lines now, the rest with the next block
-            if not cut:  # a line longer than a block: gathered, not copied again with every block
-                pending.append(block)
+            block, tail = block[:cut], block[cut:]
+            if not block:
                 continue
-            block, pending = b"".join([*pending, block[:cut]]), [block[cut:]]
             try:
                 lines = block.decode("utf-8").split("\n")
             except UnicodeDecodeError:
