@@ -640,3 +640,17 @@ def test_lines_are_read_a_block_at_a_time_as_one_at_a_time(block, tmp_path, monk
             seen += raw._lines(path, ledger, start, end, first)
         assert seen == expected
         assert ledger.counts == {"bad_encoding": 1} and ledger.examples["bad_encoding"][0].startswith(reports[0])
+
+
+def test_a_catalogue_drawn_all_cold_builds_cold_samples_with_empty_histories(tmp_path, shard_reader):
+    """One item, every interaction with it, and a cold fraction that draws it: no warm item at all, so the warm items'
+    text is empty (a file no writer can map) and every cold sample's history is []."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "items.jsonl").write_text('{"item_id": "1", "title": "one"}\n{"item_id": "2", "title": "two"}\n')
+    (raw / "interactions.csv").write_text("user_id,item_id,timestamp,rating\n" + "".join(
+        f"{user},1,{t},5\n" for user, t in (("a", 1), ("a", 2), ("a", 3), ("b", 4), ("b", 5), ("b", 6))))
+    manifest = build_shards(raw, tmp_path / "out", BuildOptions(cold_item_fraction=0.6, progress=False))
+    assert manifest["counts"]["samples"] == {"train": 0, "valid": 0, "test": 0, "cold": 6}
+    cold = shard_reader.tuples(shard_reader.split(tmp_path / "out", manifest, "cold"))
+    assert cold == [(0, 0, ())] * 3 + [(1, 0, ())] * 3

@@ -172,34 +172,32 @@ def _lines(path: Path, ledger: Ledger, start: int = 0, end: int | None = None, f
     with open(path, "rb") as f:
         f.seek(start)
         left = (os.fstat(f.fileno()).st_size if end is None else end) - start
-        line_no, tail = first_line, b""
+        line_no, pending = first_line, []  # the start of a line that goes on in the next block
         while left > 0:
             block = f.read(min(left, LINE_BLOCK))
             if not block:
                 break
             left -= len(block)
-            block = tail + block
             cut = block.rfind(b"\n") + 1 if left > 0 else len(block)  # whole lines now, the rest with the next block
-            block, tail = block[:cut], block[cut:]
-            if not block:
+            if not cut:  # a line longer than a block: gathered, not copied again with every block
+                pending.append(block)
                 continue
+            block, pending = b"".join([*pending, block[:cut]]), [block[cut:]]
             try:
-                lines = block.decode("utf-8").split("\n")
-            except UnicodeDecodeError:
-                lines = None
-            pieces = block.split(b"\n") if lines is None else lines
-            if not pieces[-1]:
-                pieces.pop()  # nothing after the last newline
-            if lines is not None:
-                for k, text in enumerate(lines, line_no):
-                    yield k, text.rstrip("\r")
-            else:  # line by line, so a bad line is reported in its place among the others
-                for k, raw in enumerate(pieces, line_no):
-                    try:
-                        yield k, raw.decode("utf-8").rstrip("\r")
-                    except UnicodeDecodeError as e:
-                        ledger.record("bad_encoding", path, k, "-", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-            line_no += len(pieces)
+                lines, decoded = block.decode("utf-8").split("\n"), True
+            except UnicodeDecodeError:  # then line by line, so a bad line is reported in its place among the others
+                lines, decoded = block.split(b"\n"), False
+            if not lines[-1]:
+                lines.pop()  # nothing after the last newline
+            for k, line in enumerate(lines, line_no):
+                if decoded:
+                    yield k, line.rstrip("\r")
+                    continue
+                try:
+                    yield k, line.decode("utf-8").rstrip("\r")
+                except UnicodeDecodeError as e:
+                    ledger.record("bad_encoding", path, k, "-", f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+            line_no += len(lines)
 
 
 def _valid_unicode(text: str) -> bool:

@@ -8,7 +8,9 @@ limit. A writer then needs only its shard's rows, which it reads from the relati
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import stat
 import tarfile
@@ -258,11 +260,16 @@ def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
     text_begin, text_end = history_text_ranges(start + np.maximum(0, rows["pos"] - ctx.max_history), start + rows["pos"], digits)
     content = _ItemContent(ctx).members(rows["i"]) if ctx.embed_target_content else repeat({})
     writer, split = ShardWriter(ctx.staging / task.path), task.split.encode()
-    with open(ctx.work / "warm_text.bin", "rb") as f:
-        text = f.read(int(text_end.max(initial=0)))  # the whole of it, for a train shard: as large as the warm items' JSON
-    for n, user, target, first, last, members in zip(*(a.tolist() for a in (rows["n"], rows["u"], rows["i"], text_begin, text_end)), content):
-        writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[first:last])} | members)
+    with open(ctx.work / "warm_text.bin", "rb") as f, _mapped(f) as text:  # shared pages: every writer maps the same file
+        for n, user, target, first, last, members in zip(*(a.tolist() for a in (rows["n"], rows["u"], rows["i"], text_begin, text_end)),
+                                                         content):
+            writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[first:last])} | members)
     return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
+
+
+def _mapped(f) -> mmap.mmap | contextlib.nullcontext:
+    """A read-only map of an open file; an empty file (no warm items: every sample's history is empty) maps to b""."""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else contextlib.nullcontext(b"")
 
 
 # -- where the work runs ---------------------------------------------------------------------------------------------
