@@ -5,7 +5,9 @@
 
 VLMo uses BERT's uncased vocabulary (30,522 tokens); with a local copy of it, point encoder.tokenizer
 at its vocab.txt instead. Here no hub is reachable, so the tiny VLMo recipes train a vocabulary on the
-catalogue's own titles and descriptions. OUT_DIR receives tokenizer.json and vocab.txt.
+catalogue's own titles and descriptions. OUT_DIR receives tokenizer.json and vocab.txt. Two builds from
+the same texts can differ (the trainer breaks ties in hash-map order, huggingface/tokenizers#1794): keep
+OUT_DIR with the runs that use it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 LOSS_TOLERANCE = dict(rel=1e-5, abs=1e-6)
-GRADIENT_TOLERANCE = 1e-4  # relative L2 error of a parameter group's gradient (fp32 sums in another order)
+# Relative L2 error of a parameter group's gradient: fp32 sums in another order. Step 1 compares the same weights.
+# Later steps compare weights after Adam updates, and Adam moves a weight by about lr wherever its gradient is
+# near zero, whatever the rounding there: measured on 2 nodes x 2 ranks, VLMo's recommender group is 6e-6 to 9e-6
+# off at step 1 and 6e-5 to 1.1e-4 at steps 2-3 (the WordPiece vocabulary, which differs between builds, moves it);
+# every other case stays under 4e-5. A real fault (a wrong feature table, a gradient scaled by the rank count) is
+# 1e-2 or more at step 1.
+GRADIENT_TOLERANCE = {1: 1e-4, "later": 5e-4}
 
 
 def load_run(folder: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -42,8 +48,10 @@ def assert_parity(reference_dir: Path, case: str, run_dir: Path, name: str) -> N
         for key in a:
             assert b[key] == pytest.approx(a[key], **LOSS_TOLERANCE), (name, a["step"], key)
     errors = group_gradient_errors(reference, ref_grads, grads)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= GRADIENT_TOLERANCE, f"{name}: gradient of step/group {worst} is {errors[worst]:.2e} off; all: {errors}"
+    for step in sorted({key.split("/", 1)[0] for key in errors}, key=int):
+        tolerance = GRADIENT_TOLERANCE[1 if step == "1" else "later"]
+        worst = max((key for key in errors if key.split("/", 1)[0] == step), key=errors.get)
+        assert errors[worst] <= tolerance, f"{name}: gradient of step/group {worst} is {errors[worst]:.2e} off (> {tolerance:g}); all: {errors}"
     # the comparison is not vacuous: every group learns something in some step, and the loss moves
     for group in reference["groups"]:
         assert any(ref_grads[f"{s}/{n}"].abs().sum() > 0 for s in (1, 2, 3) for n in reference["groups"][group]), (case, group)
