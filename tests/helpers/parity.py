@@ -15,7 +15,8 @@ LOSS_TOLERANCE = dict(rel=1e-5, abs=1e-6)
 # off at step 1 and 6e-5 to 1.1e-4 at steps 2-3 (the WordPiece vocabulary, which differs between builds, moves it);
 # every other case stays under 4e-5. A real fault (a wrong feature table, a gradient scaled by the rank count) is
 # 1e-2 or more at step 1.
-GRADIENT_TOLERANCE = {1: 1e-4, "later": 5e-4}
+GRADIENT_TOLERANCE = 1e-4  # step 1
+GRADIENT_TOLERANCE_AFTER_UPDATES = 5e-4  # steps 2 and 3
 
 
 def load_run(folder: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -48,10 +49,9 @@ def assert_parity(reference_dir: Path, case: str, run_dir: Path, name: str) -> N
         for key in a:
             assert b[key] == pytest.approx(a[key], **LOSS_TOLERANCE), (name, a["step"], key)
     errors = group_gradient_errors(reference, ref_grads, grads)
-    for step in sorted({key.split("/", 1)[0] for key in errors}, key=int):
-        tolerance = GRADIENT_TOLERANCE[1 if step == "1" else "later"]
-        worst = max((key for key in errors if key.split("/", 1)[0] == step), key=errors.get)
-        assert errors[worst] <= tolerance, f"{name}: gradient of step/group {worst} is {errors[worst]:.2e} off (> {tolerance:g}); all: {errors}"
+    over = {key: error for key, error in errors.items()
+            if error > (GRADIENT_TOLERANCE if key.startswith("1/") else GRADIENT_TOLERANCE_AFTER_UPDATES)}
+    assert not over, f"{name}: gradients off beyond the tolerance (step/group: error): {over}; all: {errors}"
     # the comparison is not vacuous: every group learns something in some step, and the loss moves
     for group in reference["groups"]:
         assert any(ref_grads[f"{s}/{n}"].abs().sum() > 0 for s in (1, 2, 3) for n in reference["groups"][group]), (case, group)
