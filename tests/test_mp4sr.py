@@ -97,6 +97,33 @@ def test_causal_encoder_ignores_padding_and_the_future():
     assert not torch.allclose(encoder(changed_item, valid), base, atol=1e-4)
 
 
+def test_causal_encoder_equals_the_full_stack_at_the_last_position():
+    """The last layer runs for the last position only; outputs and gradients are the whole stack's last row."""
+    torch.manual_seed(4)
+    encoder = CausalSequenceEncoder(hidden=16, layers=3, heads=2, dropout=0.0, max_len=7)
+    x = torch.randn(5, 7, 16, requires_grad=True)
+    valid = torch.rand(5, 7) > 0.3
+    valid[:, -1] = True
+    valid[0, :-1] = False  # a history of one item
+
+    def full_stack(x):
+        h = encoder.dropout(encoder.norm(x + encoder.position.weight)) * valid.unsqueeze(-1)
+        mask = (encoder.causal_mask.unsqueeze(0) | ~valid.unsqueeze(1)) & ~torch.eye(7, dtype=torch.bool)
+        return encoder.transformer(h, mask=mask.repeat_interleave(2, dim=0))[:, -1]
+
+    weights = torch.randn(5, 16)
+    out = encoder(x, valid)
+    (out * weights).sum().backward()
+    grads = [t.grad.clone() for t in (x, *encoder.parameters())]
+    encoder.zero_grad()
+    x.grad = None
+    expected = full_stack(x)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    for got, want in zip(grads, (x.grad, *(p.grad for p in encoder.parameters()))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_attention_pooling_respects_the_mask_and_trains():
     pool = AttentionPooling(4, 8)
     vectors = torch.randn(2, 3, 4)
