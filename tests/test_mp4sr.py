@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmscale.models.sequence import AttentionPooling, CausalSequenceEncoder, MoEAdaptor, complementary_mixup, random_item_drop
+from mmscale.models.sequence import AttentionPooling, CausalSequenceEncoder, Dropout, MoEAdaptor, complementary_mixup, random_item_drop
 from mmscale.objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
 from mmscale.objectives.common import hashed_uniform
 
@@ -97,6 +97,26 @@ def test_causal_encoder_ignores_padding_and_the_future():
     assert not torch.allclose(encoder(changed_item, valid), base, atol=1e-4)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_cpu_dropout_drops_at_rate_p_keeps_the_expectation_and_replays_from_the_seed(p):
+    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of the four draws per random word
+    dropout = Dropout(p)
+    torch.manual_seed(7)
+    out = dropout(x)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - p) < 2e-3  # 4 standard deviations at p = 0.5
+    assert out.mean().item() == pytest.approx(1.0, abs=4e-3)
+    assert torch.all((out == 0) | (out == out.max()))  # one scale for every kept value
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient is the same mask and scale
+    for lane in range(4):  # each 16-bit slice of a word drops at rate p
+        assert abs((out[lane::4] == 0).float().mean().item() - p) < 4e-3
+    torch.manual_seed(7)
+    assert torch.equal(dropout(x), out)  # the torch generator's state decides the mask (a restored run replays it)
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+
+
 def test_causal_encoder_equals_the_full_stack_at_the_last_position():
     """The last layer runs for the last position only; outputs and gradients are the whole stack's last row."""
     torch.manual_seed(4)
@@ -162,7 +182,7 @@ def test_moe_adaptor_dropout_masks_the_experts_input_not_the_gate():
     torch.manual_seed(9)
     out = adaptor.train()(x)
     torch.manual_seed(9)
-    dropped = torch.nn.functional.dropout(x, 0.5)  # the same draws: one mask shared by the experts
+    dropped = Dropout(0.5)(x)  # the same draws: one mask shared by the experts
     gates = torch.softmax(x @ adaptor.gate.weight.T, dim=-1)
     experts = torch.nn.functional.layer_norm((adaptor.proj(dropped)).unflatten(-1, (3, 2)), (2,), eps=1e-12)
     experts = experts * adaptor.norm_weight + adaptor.norm_bias
