@@ -45,6 +45,10 @@ class EncoderConfig:
     # Train only the top k groups of each tower (clip: open_clip's lock_image_tower / lock_text_tower groups); the
     # projections and logit scale always train. Unset: every parameter trains.
     trainable_blocks: int | None = None
+    # With trainable_blocks: compute the frozen blocks' outputs once per item (at the start, in eval mode, across ranks)
+    # and train on them; batches then carry no images or text and each step runs only the trained top of each tower.
+    # Costs host (or device) memory per item: the activations where the towers split (see the README).
+    cache_frozen_blocks: bool = False
     image_size: int | None = None  # clip: the image side in pixels (unset: the architecture's)
     context_length: int | None = None  # clip: text tokens per item (unset: the architecture's)
     # end_to_end: recommender gradients flow into the encoder; frozen: every item encoded once and
@@ -448,6 +452,7 @@ def validate(config: Config) -> None:
         if getattr(config.encoder, key) is not None and not encoder_can(config.encoder.kind, "open_clip_towers"):
             raise ConfigError(f"encoder.{key}: needs an encoder with the 'open_clip_towers' capability "
                               f"({_able('open_clip_towers')}), not encoder.kind={config.encoder.kind!r}")
+    _validate_frozen_block_cache(config)
     _validate_best_metric(config)
     _validate_report_to(config)
     if config.encoder.item_representation == "fusion" and not encoder_can(config.encoder.kind, "fusion"):
@@ -464,6 +469,25 @@ def validate(config: Config) -> None:
     if config.encoder.paradigm == "fine_tuned" and not any(config.objectives.weights.get(n) for n in ("itc", "itm", "mlm")):
         raise ConfigError("objectives.weights: the fine_tuned paradigm adapts the encoder with its vision-language losses first; "
                           "give itc (or, for VLMo, itm or mlm) a weight")
+
+
+def _validate_frozen_block_cache(config: Config) -> None:
+    from .models import encoder_can
+
+    encoder, key = config.encoder, "encoder.cache_frozen_blocks"
+    if not encoder.cache_frozen_blocks:
+        return
+    if not encoder_can(encoder.kind, "frozen_block_cache"):
+        raise ConfigError(f"{key}: needs an encoder with the 'frozen_block_cache' capability ({_able('frozen_block_cache')}), "
+                          f"not encoder.kind={encoder.kind!r}")
+    if encoder.trainable_blocks is None:
+        raise ConfigError(f"{key}: needs encoder.trainable_blocks (the blocks below the trained ones are what is cached)")
+    if config.data.history_content:
+        raise ConfigError(f"data.history_content: batches carry item ids only under {key} (the history items' content "
+                          f"is not decoded); turn one of them off")
+    if encoder.paradigm == "frozen":
+        raise ConfigError(f"{key}: the encoder is frozen here (encoder.paradigm=frozen, or a sequential mode that reads a "
+                          f"frozen encoder's cached features): every item's whole encoding is cached already")
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -141,6 +141,8 @@ class Trainer:
             self._load(*found)
         elif resume == "latest":
             self.log(f"--resume latest: no complete checkpoint in {self.checkpoint_dir}; starting from scratch")
+        if task.caches_frozen_blocks:
+            self.cache_frozen_blocks()
         if self.content is None and task.content_cache_due(self.step, resumed=True):
             self.cache_content()
         self._record_run(ds_config)
@@ -266,6 +268,19 @@ class Trainer:
                                        self.config.eval.batch_size, self.config.data.num_workers)
         self._set_content(content)
         self.log(f"step {self.step}: content of {len(content[0])} items cached")
+
+    @torch.no_grad()
+    def cache_frozen_blocks(self) -> None:
+        """encoder.cache_frozen_blocks: every item's frozen-block outputs (in parallel across ranks, in eval mode), held
+        by the task from now on; recomputed at every start, never saved (the weights they come from never train)."""
+        store, encoder = self.stream.store, self.task.encoder
+        gathered = deepspeed.zero.GatheredParameters(list(encoder.parameters())) if self.zero_stage == 3 else nullcontext()
+        with gathered:
+            *states, has_image = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
+                                                  self.config.eval.batch_size, self.config.data.num_workers, encode=encoder.frozen_blocks)
+        self.task.set_frozen_block_cache(tuple(states), has_image, store.identity)
+        size = sum(state.numel() * state.element_size() for state in states) / 2**20
+        self.log(f"step {self.step}: frozen blocks of {len(has_image)} items cached ({size:.1f} MiB on each rank)")
 
     def _set_content(self, content) -> None:
         self.content = content

@@ -52,26 +52,39 @@ def _share(n: int, coll: Collectives) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int, num_workers: int):
-    """(image, text, has_image) of every item, [N, D], [N, D], [N], identical on every rank.
+def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int, num_workers: int,
+                     encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None) -> tuple[torch.Tensor, ...]:
+    """(image, text, has_image) of every item, [N, D], [N, D], [N], identical on every rank; with `encode`, what it
+    returns per item (each [N, ...]) and has_image.
 
     In eval mode (no dropout or stochastic depth): a cache or an evaluation holds each item's one deterministic
-    encoding, not one random draw of it."""
+    encoding, not one random draw of it. Where the task holds this store's frozen-block cache, items are encoded from
+    it (the trained blocks only, nothing decoded)."""
     n = len(store)
-    image = text = has_image = None
+    outputs: list[torch.Tensor] | None = None
     was_training = task.training
     task.eval()
-    parts = catalogue_loader(store, preprocess, _share(n, coll)[0], batch_size, num_workers)
+    mine = _share(n, coll)[0]
+    from_cache = encode is None and task.frozen_block_states is not None and task.frozen_block_store == store.identity
+    if from_cache:
+        ids = torch.tensor(mine, device=device)
+        parts = [{"item_ids": ids[s : s + batch_size]} for s in range(0, len(ids), batch_size)]
+    else:
+        parts = catalogue_loader(store, preprocess, mine, batch_size, num_workers)
     for part in tqdm(parts, desc=f"encoding {n} items", unit="batch", leave=False, disable=coll.rank != 0):
-        img, txt = task.encode_content(part["images"].to(device), part["text_tokens"].to(device))
-        ids = coll.gather(part["item_ids"].to(device))
-        if image is None:
-            image = torch.zeros(n, img.shape[1], device=device, dtype=img.dtype)
-            text = torch.zeros(n, txt.shape[1], device=device, dtype=txt.dtype)
-            has_image = torch.zeros(n, dtype=torch.bool, device=device)
-        image[ids], text[ids], has_image[ids] = coll.gather(img), coll.gather(txt), coll.gather(part["has_image"].to(device))
+        ids = part["item_ids"].to(device)
+        if from_cache:
+            encoded = task.cached_content(ids)
+        else:
+            images, tokens = part["images"].to(device), part["text_tokens"].to(device)
+            encoded = (*(encode or task.encode_content)(images, tokens), part["has_image"].to(device))
+        ids = coll.gather(ids)
+        if outputs is None:
+            outputs = [torch.zeros(n, *t.shape[1:], device=device, dtype=t.dtype) for t in encoded]
+        for out, t in zip(outputs, encoded):
+            out[ids] = coll.gather(t)
     task.train(was_training)
-    return image, text, has_image
+    return tuple(outputs)
 
 
 def check_finite_parameters(task, coll: Collectives, device) -> None:

@@ -2,7 +2,7 @@
 
 An encoder is chosen by `encoder.kind`; what it can do beyond the dual-encoder interface is a declared
 capability ("fusion": `models.encoder.FusionEncoder`; "open_clip_towers": encoder.trainable_blocks, image_size and
-context_length apply), which config validation and the tasks ask for instead
+context_length apply; "frozen_block_cache": `models.encoder.FrozenBlockCache`), which config validation and the tasks ask for instead
 of asking which encoder it is. Importing this package loads no model code (config validation reads the registry).
 """
 
@@ -26,7 +26,7 @@ class EncoderEntry:
 
 
 ENCODERS: dict[str, EncoderEntry] = {
-    "clip": EncoderEntry("clip", "CLIPEncoder", frozenset({"open_clip_towers"})),
+    "clip": EncoderEntry("clip", "CLIPEncoder", frozenset({"open_clip_towers", "frozen_block_cache"})),
     "vlmo": EncoderEntry("vlmo", "VLMoEncoder", frozenset({"fusion"})),
 }
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.hf_model import HFTextEncoder
 from torch import nn
 
 from ..config import ConfigError
 from ..data.preprocess import ItemPreprocess
-from .encoder import EncoderExport, ItemEncoder, at_least_1d_parameters
+from .encoder import EncoderExport, FrozenBlockCache, ItemEncoder, at_least_1d_parameters
 from .pretrained import EFFNET_TIMM_MODEL, MINILM_PACKAGE, cache_dir, effnet_timm_state_dict, minilm_folder
 
 # Parameters that train whatever encoder.trainable_blocks leaves frozen: the projections into the shared space
@@ -129,11 +130,26 @@ def clip_preprocess(model: str, image_size: int | None = None, context_length: i
     )
 
 
-class CLIPEncoder(ItemEncoder):
+def _wholly_frozen(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules that hold parameters, none of them trained."""
+    found = []
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            found.append(child)
+        else:
+            found.extend(_wholly_frozen(child))
+    return found
+
+
+class CLIPEncoder(ItemEncoder, FrozenBlockCache):
     @classmethod
     def from_config(cls, config) -> "CLIPEncoder":
-        return cls(config.model, config.pretrained, config.grad_checkpointing, config.trainable_blocks,
-                   config.image_size, config.context_length)
+        encoder = cls(config.model, config.pretrained, config.grad_checkpointing, config.trainable_blocks,
+                      config.image_size, config.context_length)
+        if config.cache_frozen_blocks:
+            encoder.check_frozen_block_cache()
+        return encoder
 
     @classmethod
     def preprocess_for(cls, config) -> ItemPreprocess:
@@ -158,6 +174,7 @@ class CLIPEncoder(ItemEncoder):
         if trainable_blocks is not None:
             self._train_top_blocks(trainable_blocks)
         self._batch_norms = [m for m in self.clip.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._frozen_modules = _wholly_frozen(self.clip)
         self._was_0d = at_least_1d_parameters(self.clip)
         self.embed_dim = self.architecture.config["embed_dim"]
         self._preprocess = clip_preprocess(model, image_size, context_length)
@@ -187,8 +204,10 @@ class CLIPEncoder(ItemEncoder):
     def train(self, mode: bool = True) -> "CLIPEncoder":
         # BatchNorm normalises with its stored (pretrained) statistics in training too: an item's embedding never
         # depends on the rest of its batch, so N ranks equal one process, and fine-tuning keeps ImageNet statistics.
+        # Blocks that encoder.trainable_blocks froze run as in evaluation (no dropout): a fixed feature extractor whose
+        # output is a function of the item alone, which is what lets encoder.cache_frozen_blocks compute it once.
         super().train(mode)
-        for module in self._batch_norms:
+        for module in (*self._batch_norms, *self._frozen_modules):
             module.eval()
         return self
 
@@ -201,6 +220,61 @@ class CLIPEncoder(ItemEncoder):
 
     def forward(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.clip.encode_image(images, normalize=True), self.clip.encode_text(text_tokens, normalize=True)
+
+    # -- the frozen-block cache (encoder.cache_frozen_blocks) ----------------------------------------------------
+    def _frozen_split(self) -> tuple[int, int]:
+        """(the image trunk's first trained block, the text tower's first trained layer), or ConfigError where the towers
+        are not ones the cache knows: a timm trunk built as conv_stem, bn1, blocks, conv_head, bn2 (EfficientNet and
+        its kin) and a Hugging Face BERT-like text tower, with encoder.trainable_blocks set."""
+        key = "encoder.cache_frozen_blocks"
+        trunk, text = getattr(self.clip.visual, "trunk", None), getattr(self.clip, "text", None)
+        if not all(hasattr(trunk, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+            raise ConfigError(f"{key}: the image tower of {self.model_name!r} is not a timm trunk of conv_stem, bn1, blocks, "
+                              f"conv_head and bn2 (EfficientNet-like); the cache does not know where its blocks split")
+        layers = getattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer", None)
+        if not isinstance(text, HFTextEncoder) or layers is None:
+            raise ConfigError(f"{key}: the text tower of {self.model_name!r} is not a Hugging Face BERT-like encoder "
+                              f"(encoder.layer); the cache does not know where its layers split")
+        trained = lambda module: any(p.requires_grad for p in module.parameters())
+        image_cut = next((i for i, block in enumerate(trunk.blocks) if trained(block)), len(trunk.blocks))
+        text_cut = next((i for i, layer in enumerate(layers) if trained(layer)), len(layers))
+        if trained(trunk.conv_stem) or trained(trunk.bn1) or trained(text.transformer.embeddings) or image_cut == text_cut == 0:
+            raise ConfigError(f"{key}: needs encoder.trainable_blocks (nothing is frozen below the trained blocks to cache)")
+        return image_cut, text_cut
+
+    def check_frozen_block_cache(self) -> None:
+        self._frozen_split()
+
+    def frozen_blocks(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image_cut, text_cut = self._frozen_split()
+        trunk, text = self.clip.visual.trunk, self.clip.text
+        image = trunk.blocks[:image_cut](trunk.bn1(trunk.conv_stem(images)))
+        mask = (text_tokens != text.config.pad_token_id).long()
+        hidden = self._text_layers(text.transformer.embeddings(input_ids=text_tokens), mask, text.transformer.encoder.layer[:text_cut])
+        return image, hidden, mask
+
+    def from_frozen_blocks(self, image: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What forward computes, from frozen_blocks' outputs: the same modules in the same order (so the same dropout
+        draws), the top of each tower only."""
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        image_cut, text_cut = self._frozen_split()
+        trunk, text = self.clip.visual.trunk, self.clip.text
+        features = trunk.forward_head(trunk.bn2(trunk.conv_head(trunk.blocks[image_cut:](image))))
+        image_emb = F.normalize(self.clip.visual.head(features), dim=-1)
+        hidden = self._text_layers(hidden, mask, text.transformer.encoder.layer[text_cut:])
+        pooler = text.transformer.pooler if getattr(text.pooler, "use_pooler_output", False) else None
+        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooler(hidden) if pooler else None)
+        return image_emb, F.normalize(text.proj(text.pooler(out, mask)), dim=-1)
+
+    def _text_layers(self, hidden: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+        """BERT's encoder layers over `hidden`, with the attention mask BertModel builds from the padding mask."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attention = create_bidirectional_mask(config=self.clip.text.transformer.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in layers:
+            hidden = layer(hidden, attention)
+        return hidden
 
     def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in open_clip's own layout (0-dim parameters restored), for export."""

@@ -83,6 +83,24 @@ class FusionEncoder(ABC):
     replacement_token_ids: torch.Tensor  # MLM's random replacements: ordinary tokens only
 
 
+class FrozenBlockCache(ABC):
+    """The "frozen_block_cache" capability: the blocks encoder.trainable_blocks freezes run as in evaluation, so their
+    outputs are a function of the item alone; computed once per item (frozen_blocks), they let training run only the
+    trained top of each tower (from_frozen_blocks), with no images decoded and no frozen block run per step."""
+
+    @abstractmethod
+    def check_frozen_block_cache(self) -> None:
+        """Raises ConfigError naming encoder.cache_frozen_blocks where this model's towers cannot be split."""
+
+    @abstractmethod
+    def frozen_blocks(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per item, [N, ...] each: the outputs of the frozen lower blocks (what from_frozen_blocks reads)."""
+
+    @abstractmethod
+    def from_frozen_blocks(self, *states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's image and text embeddings from frozen_blocks' outputs (rows of them)."""
+
+
 def at_least_1d_parameters(module: nn.Module) -> frozenset[str]:
     """Reshapes 0-d parameters (e.g. logit_scale) to shape [1]; returns their names.
 

@@ -14,6 +14,9 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
                                                       joint mode's refresh, a frozen encoder's one pass)
     content_parameters() -> [parameter]               what encoding the catalogue reads (ZeRO-3 gathers them)
     encode_content(images, text_tokens) -> (image, text)
+    caches_frozen_blocks: bool                        encoder.cache_frozen_blocks: the engine encodes the catalogue's
+    set_frozen_block_cache(states, has_image, store)  frozen blocks once and hands them over; batches then need no content
+    cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
     ranking(content or None) -> Ranking               item table and user vectors for full ranking
 
@@ -67,6 +70,11 @@ class Task(nn.Module, ABC):
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
         # every item's encoder content once cached (persistent=False: checkpoints save it beside the weights)
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
+        # encoder.cache_frozen_blocks: every item's frozen-block outputs, its has_image, and the item store they are of
+        # (never saved: a function of frozen weights and the items, recomputed at every start)
+        self.frozen_block_states: tuple[torch.Tensor, ...] | None = None
+        self.frozen_block_has_image: torch.Tensor | None = None
+        self.frozen_block_store: tuple | None = None
 
     @abstractmethod
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
@@ -118,3 +126,22 @@ class Task(nn.Module, ABC):
 
     def encode_content(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images, text_tokens)
+
+    @property
+    def caches_frozen_blocks(self) -> bool:
+        return self.config.encoder.cache_frozen_blocks
+
+    def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple) -> None:
+        self.frozen_block_states, self.frozen_block_has_image, self.frozen_block_store = states, has_image, store_identity
+
+    def cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, text, has_image) of these items from their cached frozen-block outputs."""
+        image, text = self.encoder.from_frozen_blocks(*(state[item_ids] for state in self.frozen_block_states))
+        return image, text, self.frozen_block_has_image[item_ids]
+
+    def batch_content(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, text, has_image) of the batch's items (batch.item_ids) through the encoder, with gradient."""
+        if self.frozen_block_states is not None:
+            return self.cached_content(batch.item_ids)
+        image, text = self.encode_content(batch.images, batch.text_tokens)
+        return image, text, batch.has_image

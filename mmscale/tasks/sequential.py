@@ -107,7 +107,8 @@ class MP4SRTask(NextItemTask):
         self.from_encoder = seq.features == "encoder"
         self.encoder = build_encoder(config.encoder) if self.from_encoder else None
         if self.encoder is not None:
-            self.encoder.requires_grad_(self.trains_encoder)
+            if not self.trains_encoder:  # joint mode trains what encoder.trainable_blocks leaves trainable
+                self.encoder.requires_grad_(False)
             text_dim = image_dim = self.encoder.embed_dim
         else:
             text_dim, image_dim = self._load_feature_files(shards)
@@ -148,7 +149,7 @@ class MP4SRTask(NextItemTask):
     # -- the catalogue's content ----------------------------------------------------------------------------
     @property
     def needs_content(self) -> bool:
-        return self.trains_encoder
+        return self.trains_encoder and not self.caches_frozen_blocks
 
     @property
     def uses_catalogue_content(self) -> bool:
@@ -202,8 +203,8 @@ class MP4SRTask(NextItemTask):
         losses = {}
         content = self.content_cache
         if self.trains_encoder:  # the encoder runs once: its outputs feed the item table and the vision-language losses
-            image_emb, text_emb = self.encode_content(batch.images, batch.text_tokens)
-            content = self._with_fresh(self._content_features(image_emb, text_emb, batch.has_image), batch, gather)
+            image_emb, text_emb, has_image = self.batch_content(batch)
+            content = self._with_fresh(self._content_features(image_emb, text_emb, has_image), batch, gather)
         text, image = self._raw_features(content)
         text, image = self.text_adaptor(text), self.image_adaptor(image)
         if "rec" in self.loss_weights:
@@ -224,9 +225,10 @@ class MP4SRTask(NextItemTask):
             slots = batch.target_slots
             if "itc" in self.loss_weights:
                 losses["itc"] = image_text_contrastive_loss(gather(image_emb[slots]), gather(text_emb[slots]), all_targets,
-                                                            gather(batch.has_image[slots]), self.encoder.logit_scale)
-            losses.update(fusion_losses(self.encoder, fusion, batch.images[slots], batch.text_tokens[slots], image_emb[slots],
-                                        text_emb[slots], batch.targets, batch.has_image[slots], gather, self.draws))
+                                                            gather(has_image[slots]), self.encoder.logit_scale)
+            if fusion:
+                losses.update(fusion_losses(self.encoder, fusion, batch.images[slots], batch.text_tokens[slots], image_emb[slots],
+                                            text_emb[slots], batch.targets, has_image[slots], gather, self.draws))
         return losses
 
     def _mixed_sequences(self, batch: Batch, text: torch.Tensor, image: torch.Tensor):

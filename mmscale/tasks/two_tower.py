@@ -46,7 +46,7 @@ class RecommendationTask(Task):
     @property
     def needs_content(self) -> bool:
         """Whether training batches must carry decoded images and tokens."""
-        return not self.frozen and self.freeze_at_step != 0
+        return not self.frozen and self.freeze_at_step != 0 and not self.caches_frozen_blocks
 
     def content_cache_due(self, step: int, resumed: bool = False) -> bool:
         """Whether the engine should encode the catalogue and call set_content_cache now."""
@@ -84,8 +84,7 @@ class RecommendationTask(Task):
     def batch_content(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.frozen:
             return self._cached_content(batch.item_ids)
-        image, text = self.encode_content(batch.images, batch.text_tokens)
-        return image, text, batch.has_image
+        return super().batch_content(batch)
 
     # -- towers -----------------------------------------------------------------------------------
     def item_embeddings(self, image, text, has_image, item_ids) -> torch.Tensor:
