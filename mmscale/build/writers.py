@@ -336,7 +336,8 @@ class RayExecutor(Executor):
         self.nodes = set()
 
     def map(self, fn, tasks, desc, progress, total=None, weight=lambda task: 1):
-        remote = self.ray.remote(num_cpus=1)(_apply)
+        # SPREAD: writers go to every node (under the default strategy the 2-node test once saw all of them on one node)
+        remote = self.ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_apply)
         refs = [remote.remote(fn, task) for task in tasks]
         return _progress((self._on_node(*self.ray.get(ref)) for ref in refs), tasks, desc, progress, total, weight)
 
