@@ -246,7 +246,7 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         self._frozen_split()
 
     def frozen_blocks(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        image_cut, text_cut = self._frozen_split()
+        self._cuts = image_cut, text_cut = self._frozen_split()  # from_frozen_blocks reads these outputs: the same split
         trunk, text = self.clip.visual.trunk, self.clip.text
         image = trunk.blocks[:image_cut](trunk.bn1(trunk.conv_stem(images)))
         mask = (text_tokens != text.config.pad_token_id).long()
@@ -258,7 +258,7 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         draws), the top of each tower only."""
         from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-        image_cut, text_cut = self._frozen_split()
+        image_cut, text_cut = self._cuts
         trunk, text = self.clip.visual.trunk, self.clip.text
         features = trunk.forward_head(trunk.bn2(trunk.conv_head(trunk.blocks[image_cut:](image))))
         image_emb = F.normalize(self.clip.visual.head(features), dim=-1)
