@@ -90,7 +90,7 @@ class SequenceConfig:
     mixup_max: float = 0.5  # each sequence's mixup ratio is drawn from U(0, mixup_max)
     drop_max: float = 0.2  # each sequence's item-drop ratio is drawn from U(0, drop_max)
     pretrained: str | None = None  # finetune: model.safetensors of a consolidated pretrain run
-    cache_refresh_steps: int = 50  # joint: history items' cached content is at most this many steps old
+    cache_refresh_steps: int = 50  # joint: the item table's cached content is at most this many steps old
 
 
 @dataclass

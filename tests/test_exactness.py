@@ -79,18 +79,38 @@ def test_joint_mode_runs_the_encoder_once_per_batch(world_shards):
     assert task.encoder.clip.visual.conv1.weight.grad.abs().sum() > 0  # the one pass carries the gradient of every loss
 
 
-def test_fresh_items_replace_the_cache_once_each(world_shards):
-    """Gathered fresh items (an item may come from several ranks) overwrite their cache rows; the rest stay cached."""
+def test_fresh_items_pass_their_gradient_through_the_cache_once_each(world_shards):
+    """Every row of the item table keeps its cached value; gathered fresh items (an item may come from several ranks)
+    pass their gradient through their row, each once (straight-through)."""
     task, _ = task_for(world_shards, *JOINT)
     n = load_manifest(world_shards)["num_items"]
-    task.content_cache = torch.zeros(n, 4)
-    fresh = torch.arange(1.0, 5.0).unsqueeze(1).expand(4, 4).requires_grad_()
+    task.content_cache = torch.arange(n * 4.0).reshape(n, 4)
+    fresh = (1000 * torch.arange(1.0, 5.0)).unsqueeze(1).expand(4, 4).requires_grad_()  # far from any cached row
     batch = SimpleNamespace(item_ids=torch.tensor([3, 7, 3, 9]))  # item 3 twice, as on two ranks
     table = task._with_fresh(fresh, batch, one_process)
-    assert table[3].tolist() == [1.0] * 4 and table[7].tolist() == [2.0] * 4 and table[9].tolist() == [4.0] * 4
-    assert table.sum() == 4 * (1 + 2 + 4)
-    table.sum().backward()
-    assert fresh.grad[:, 0].tolist() == [1.0, 1.0, 0.0, 1.0]  # the second copy of item 3 is not counted twice
+    assert torch.equal(table, task.content_cache)
+    weights = torch.randn(n, 4)
+    (table * weights).sum().backward()
+    expected = weights[[3, 7, 3, 9]]
+    expected[2] = 0  # the second copy of item 3 is not counted twice
+    assert torch.equal(fresh.grad, expected)
+
+
+def test_joint_targets_cannot_be_told_from_other_items_by_freshness(world_shards):
+    """Every batch item is some sequence's target: were its row the fresh encoding while the other items stay as
+    cached, the model could pick targets by how far the encoder moved since the refresh (it did: 4-6 logits). The
+    next-item loss is the same however far the encoder moved, and its gradient still reaches the encoder."""
+    task, config = task_for(world_shards, *JOINT, "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0")
+    task.set_content_cache(*catalogue(task, load_manifest(world_shards)["num_items"]))
+    batch = first_batch(world_shards, config)
+    at_refresh = task(batch, one_process)["rec"].detach()
+    with torch.no_grad():  # the encoder's updates since the refresh
+        for p in task.encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    later = task(batch, one_process)["rec"]
+    torch.testing.assert_close(later.detach(), at_refresh, rtol=1e-6, atol=1e-6)
+    later.backward()
+    assert task.encoder.clip.visual.conv1.weight.grad.abs().sum() > 0
 
 
 def test_evaluation_leaves_the_training_cache_alone(world_shards):
