@@ -19,6 +19,7 @@ import os
 import re
 import stat
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -358,30 +359,36 @@ class ImagePaths:
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
 
 
-def check_image(image: str, paths: ImagePaths, max_bytes: int, max_pixels: int) -> tuple[str, int, str]:
-    """Reads and fully decodes an image (a truncated file fails here, not mid-training), if it is a regular file
-    inside the dataset folder and under the byte and pixel caps.
+IO_THREADS = 4  # image files read at once by each checker: 1.5x the images/s from a cold page cache (2 processes: 17.3k/s against 11.6k/s), 5% under it when cached
+IO_CHUNK = 64  # files per read task, so the thread pool's overhead is paid per chunk, not per image
 
-    Returns (extension, size in bytes, "") or ("", 0, "kind:reason"). Runs in worker processes.
-    """
+
+def _read_checked(image: str, paths: ImagePaths, max_bytes: int) -> bytes | str:
+    """The bytes of an image file if it is a regular file inside the dataset folder and under the byte cap, else
+    "kind:reason". Only system calls: runs in reader threads."""
     resolved = paths.resolve(image)  # follows symlinks: one that leaves the folder is caught here
     if not paths.inside(resolved):
-        return "", 0, f"image_outside_dataset:resolves to {resolved}, outside {paths.root}"
+        return f"image_outside_dataset:resolves to {resolved}, outside {paths.root}"
     try:
         info = os.stat(resolved)
     except FileNotFoundError:
-        return "", 0, "missing_image"
+        return "missing_image"
     except OSError as e:
-        return "", 0, f"unreadable_image:{e.strerror}"
+        return f"unreadable_image:{e.strerror}"
     if not stat.S_ISREG(info.st_mode):
-        return "", 0, "image_not_a_file:not a regular file (a folder, FIFO or device is never read)"
+        return "image_not_a_file:not a regular file (a folder, FIFO or device is never read)"
     if info.st_size > max_bytes:
-        return "", 0, f"image_too_large:{info.st_size} bytes, over the cap of {max_bytes}"
+        return f"image_too_large:{info.st_size} bytes, over the cap of {max_bytes}"
     try:
         with open(resolved, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
-        return "", 0, f"unreadable_image:{e.strerror}"
+        return f"unreadable_image:{e.strerror}"
+
+
+def _decode_checked(data: bytes, max_pixels: int) -> tuple[str, int, str]:
+    """Fully decodes image bytes (a truncated file fails here, not mid-training) unless the header is over the
+    pixel cap; (extension, size in bytes, "") or ("", 0, "kind:reason")."""
     try:
         with Image.open(io.BytesIO(data), formats=list(IMAGE_EXTENSIONS)) as img:
             if img.width * img.height > max_pixels:  # checked from the header, before any decoding
@@ -394,3 +401,13 @@ def check_image(image: str, paths: ImagePaths, max_bytes: int, max_pixels: int) 
         # no object addresses in the message: the same input must give the same manifest bytes
         return "", 0, f"unreadable_image:{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', str(e))}"
     return ext, len(data), ""
+
+
+def check_images(images: list[str], root: Path, max_bytes: int, max_pixels: int) -> list[tuple[str, int, str]]:
+    """Checks each image (a path as written in items.jsonl): (extension, size in bytes, "") or ("", 0, "kind:reason").
+    Files are read by IO_THREADS threads ahead of the decoding, which runs here. Runs in worker processes."""
+    paths = ImagePaths(root)
+    chunks = [images[k : k + IO_CHUNK] for k in range(0, len(images), IO_CHUNK)]
+    with ThreadPoolExecutor(min(IO_THREADS, len(chunks)) or 1) as readers:
+        read = readers.map(lambda chunk: [_read_checked(image, paths, max_bytes) for image in chunk], chunks)
+        return [("", 0, data) if isinstance(data, str) else _decode_checked(data, max_pixels) for chunk in read for data in chunk]

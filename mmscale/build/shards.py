@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..locks import try_lock
 from ..data.format import FORMAT_VERSION, IMAGE_EXT_CODES, MANIFEST, ShardFormatError
-from .raw import BadInputError, ImagePaths, Ledger, RawFormat, check_image, interaction_columns, line_ranges, scan_interactions, scan_items
+from .raw import BadInputError, Ledger, RawFormat, check_images, interaction_columns, line_ranges, scan_interactions, scan_items
 from .relational import Relations
 from .writers import (
     Executor, LocalExecutor, RayExecutor, ShardTask, WriteContext, header_lengths, item_header, member_sizes, plan_shards,
@@ -40,6 +40,7 @@ from .writers import (
 )
 
 SPLITS = ("train", "valid", "test", "cold")
+IMAGE_BATCH = 1024  # images per checking task
 SCAN_BYTES = 64 << 20  # a scan range is at most this long, so progress moves and ranges balance across workers
 
 
@@ -202,11 +203,6 @@ def _scan_file(scanner, path: Path, skip_lines: int, work: Path, opts: BuildOpti
     return [out for _, out in jobs]
 
 
-def _check_images(root: Path, max_bytes: int, max_pixels: int, batch: list[tuple[int, int, str]]) -> list[tuple[str, int, str]]:
-    paths = ImagePaths(root)
-    return [check_image(image, paths, max_bytes, max_pixels) for _, _, image in batch]
-
-
 def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, executor: Executor, disk: _DiskPeak,
             stage_seconds: dict[str, float]) -> dict:
     """Runs the build's stages, recording each one's wall time in `stage_seconds`."""
@@ -243,8 +239,9 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
 
         # -- images: checked once per item, in parallel ------------------------------------------------------------
         named = relations.images()
-        batches = [named[k : k + 256] for k in range(0, len(named), 256)]
-        checked = executor.map(partial(_check_images, raw_dir, int(opts.max_image_mb * 2**20), opts.max_image_pixels), batches,
+        batches = [[image for _, _, image in named[k : k + IMAGE_BATCH]] for k in range(0, len(named), IMAGE_BATCH)]
+        checked = executor.map(partial(check_images, root=raw_dir, max_bytes=int(opts.max_image_mb * 2**20),
+                                       max_pixels=opts.max_image_pixels), batches,
                                "images", progress, total=len(named), weight=len)
         image_ext, image_size = np.zeros(num_items, np.uint8), np.zeros(num_items, np.int64)
         for (item, line, path), (ext, size, error) in zip(named, (r for batch in checked for r in batch)):
