@@ -558,6 +558,23 @@ def test_output_does_not_depend_on_the_number_of_writers_or_the_memory_limit(sma
     assert all_files(tmp_path / "two") == all_files(one)
 
 
+def test_a_plan_only_build_lists_the_shards_a_build_writes_and_writes_nothing(small_world, tmp_path, capsys):
+    raw, one, manifest, opts = small_world
+    out = tmp_path / "out"
+    shutil.copytree(one, out)
+    plan = build_shards(raw, out, BuildOptions(workers=2, plan_only=True, **opts))
+    # the ledger, the counts and every shard's path, samples and bytes, as the build wrote them
+    assert without_build(plan) == without_build(manifest)
+    assert all_files(out) == all_files(one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    argv = [str(raw), str(tmp_path / "new"), "--plan-only", "--quiet", "--shard-size-mb", "0.05", "--cold-item-fraction", "0.1"]
+    assert run_cli(argv) == 0
+    assert not (tmp_path / "new").exists()
+    printed = capsys.readouterr().out
+    train_bytes = sum(s["bytes"] for s in manifest["shards"]["train"])
+    assert f"train {len(manifest['shards']['train'])} ({train_bytes / 1e9:.2f} GB)" in printed and "is unchanged" in printed
+
+
 def test_train_order_is_the_md5_of_seed_user_and_position(small_world, shard_reader):
     """The documented train order, which any tool can reproduce: by MD5("seed:user:position") read little-endian."""
     _, one, manifest, _ = small_world

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
     g.add_argument("--work-dir", default=None, help="where the build's temporary files go (default: inside OUT_DIR.partial)")
     g.add_argument("--ray-address", default=None, help="write on a running Ray cluster ('auto' or HOST:PORT) instead of a "
                    "local pool; the raw folder, OUT_DIR and the work folder must be on a file system every node sees")
+    g.add_argument("--plan-only", action="store_true", help="run every stage but the shard writes and print what they would "
+                   "write (OUT_DIR is left as it is): checks the data and sizes the output before a long build")
     g.add_argument("--strict", action="store_true", help="exit non-zero on the first bad input")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
             shard_size_mb=args.shard_size_mb, embed_target_content=not args.no_target_content,
             max_image_mb=args.max_image_mb, max_image_pixels=args.max_image_pixels, seed=args.seed, workers=args.workers,
             memory_limit_mb=args.memory_limit, work_dir=args.work_dir, ray_address=args.ray_address,
-            strict=args.strict, progress=not args.quiet,
+            strict=args.strict, progress=not args.quiet, plan_only=args.plan_only,
         )
     except ValueError as e:
         p.error(f"--{str(e).replace('_', '-').replace('memory-limit-mb', 'memory-limit')}")
@@ -90,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw: {counts['raw']}")
     print(f"kept: {counts['kept']}  images present {counts['images_present']}, missing {counts['images_missing']}")
     print(f"samples: {counts['samples']}  cold items: {counts['cold_items']}")
-    print("shards: " + ", ".join(f"{k} {len(v)}" for k, v in manifest["shards"].items()))
+    print(("planned shards: " if args.plan_only else "shards: ") + ", ".join(
+        f"{k} {len(v)} ({sum(s['bytes'] for s in v) / 1e9:.2f} GB)" for k, v in manifest["shards"].items()))
     print(manifest["bad_input_report"])
     build = manifest["build"]
     print(f"build: {build['seconds']:.1f} s, {counts['raw']['interactions'] / max(build['seconds'], 1e-9):,.0f} interactions/s; "
           f"peak RSS {build['peak_rss_mb']:,} MiB (largest process), temporary disk {build['temp_disk_mb']:,} MiB; "
           f"{build['writers']} writers on {build['nodes']} node(s)")
     print("stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in build['stage_seconds'].items()))
-    print(f"wrote {args.out_dir}/manifest.json")
+    print(f"plan only: {args.out_dir} is unchanged" if args.plan_only else f"wrote {args.out_dir}/manifest.json")
     return 0
 
 

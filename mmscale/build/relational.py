@@ -145,9 +145,14 @@ class Relations:
         while rows := result.fetchmany(100_000):
             yield [r[0] for r in rows]
 
-    def images(self) -> list[tuple[int, int, str]]:
-        """(item, items.jsonl line, image path as written) of every kept item that names an image."""
-        return self.db.execute("SELECT i, line, image FROM item_map WHERE image IS NOT NULL ORDER BY i").fetchall()
+    def image_count(self) -> int:
+        return self._count("SELECT * FROM item_map WHERE image IS NOT NULL")
+
+    def images(self, chunk: int) -> Iterator[list[tuple[int, int, str]]]:
+        """(item, items.jsonl line, image path as written) of every kept item that names an image, `chunk` at a time."""
+        result = self.db.execute("SELECT i, line, image FROM item_map WHERE image IS NOT NULL ORDER BY i")
+        while rows := result.fetchmany(chunk):
+            yield rows
 
     def text_bytes(self) -> np.ndarray:
         return self.db.execute("SELECT strlen(text) AS n FROM item_map ORDER BY i").fetchnumpy()["n"].astype(np.int64)
@@ -158,7 +163,9 @@ class Relations:
         splits every user's sequence: leave-one-out by time over the warm items (ties by file line), each
         cold-item interaction a cold sample. Returns the cold items."""
         interacted = self.db.execute("SELECT DISTINCT i FROM kept JOIN item_map ON kept.item = item_map.id ORDER BY i").fetchnumpy()["i"]
-        cold = sorted(random.Random(seed).sample(interacted.tolist(), int(round(cold_fraction * len(interacted)))))
+        # sampling positions draws what sampling the list would, without a Python int per item
+        drawn = random.Random(seed).sample(range(len(interacted)), int(round(cold_fraction * len(interacted))))
+        cold = sorted(interacted[drawn].tolist())
         self.db.execute("CREATE TABLE cold AS SELECT unnest($1::BIGINT[]) AS i", [cold])
         # pos: how many warm items the user had before this interaction (a warm item's own index among them)
         self.db.execute(

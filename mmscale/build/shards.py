@@ -41,6 +41,7 @@ from .writers import (
 
 SPLITS = ("train", "valid", "test", "cold")
 IMAGE_BATCH = 1024  # images per checking task
+IMAGE_ROUND = 64 * IMAGE_BATCH  # images whose paths and results are in memory at once
 SCAN_BYTES = 64 << 20  # a scan range is at most this long, so progress moves and ranges balance across workers
 
 
@@ -63,6 +64,7 @@ class BuildOptions:
     ray_address: str | None = None  # write on a Ray cluster ("auto", or host:port) instead of a local process pool
     strict: bool = False
     progress: bool = True
+    plan_only: bool = False  # every stage but the shard writes: the ledger, the counts and the shards each split would get
 
     def __post_init__(self) -> None:
         checks = {
@@ -111,7 +113,8 @@ def build_shards(raw_dir: str | Path, out_dir: str | Path, opts: BuildOptions = 
     """Builds the shard folder; returns the manifest. Raises BadInputError in strict mode.
 
     The build writes into `OUT.partial`, under a lock on OUT, and swaps the finished folder in; any failure
-    removes the staging folder and leaves OUT as it was."""
+    removes the staging folder and leaves OUT as it was. A plan-only build runs every stage but the shard writes and
+    leaves OUT as it was; its manifest lists the shards the build would write, with their exact sizes."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw folder {raw_dir} does not exist")
@@ -154,6 +157,8 @@ def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> d
     manifest["build"] = {"seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(max(own, children)),
                          "temp_disk_mb": round(disk.peak / 2**20), "writers": executor.workers, "nodes": len(executor.nodes),
                          "executor": "ray" if opts.ray_address else "local", "stage_seconds": stage_seconds}
+    if opts.plan_only:
+        return manifest
     report = manifest.pop("bad_input_report")
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     manifest["bad_input_report"] = report
@@ -238,18 +243,19 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
         finished("relate")
 
         # -- images: checked once per item, in parallel ------------------------------------------------------------
-        named = relations.images()
-        batches = [[image for _, _, image in named[k : k + IMAGE_BATCH]] for k in range(0, len(named), IMAGE_BATCH)]
-        checked = executor.map(partial(check_images, root=raw_dir, max_bytes=int(opts.max_image_mb * 2**20),
-                                       max_pixels=opts.max_image_pixels), batches,
-                               "images", progress, total=len(named), weight=len)
         image_ext, image_size = np.zeros(num_items, np.uint8), np.zeros(num_items, np.int64)
-        for (item, line, path), (ext, size, error) in zip(named, (r for batch in checked for r in batch)):
-            if not error:
-                image_ext[item], image_size[item] = IMAGE_EXT_CODES[ext], size
-                continue
-            kind, _, detail = error.partition(":")
-            ledger.record(kind, fmt.items_file, line, fmt.image_field, f"{raw_dir / path} {detail or 'does not exist'}".strip())
+        check = partial(check_images, root=raw_dir, max_bytes=int(opts.max_image_mb * 2**20), max_pixels=opts.max_image_pixels)
+        with tqdm(total=relations.image_count(), desc="images", disable=not progress, unit_scale=True) as bar:
+            for named in relations.images(IMAGE_ROUND):  # in rounds: memory bounded by a round, not the catalogue
+                batches = [[image for _, _, image in named[k : k + IMAGE_BATCH]] for k in range(0, len(named), IMAGE_BATCH)]
+                checked = executor.map(check, batches, "images", False)
+                for (item, line, path), (ext, size, error) in zip(named, (r for batch in checked for r in batch)):
+                    if not error:
+                        image_ext[item], image_size[item] = IMAGE_EXT_CODES[ext], size
+                        continue
+                    kind, _, detail = error.partition(":")
+                    ledger.record(kind, fmt.items_file, line, fmt.image_field, f"{raw_dir / path} {detail or 'does not exist'}".strip())
+                bar.update(len(named))
         np.save(work / "image_ext.npy", image_ext)
         np.save(work / "image_size.npy", image_size)
         finished("images")
@@ -266,7 +272,7 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
 
         # -- write: item shards, then each split's samples ---------------------------------------------------------
         for folder in ("items",) + SPLITS:
-            (staging / folder).mkdir()
+            (staging / folder).mkdir()  # empty in a plan-only build, which never swaps its staging folder in
         ctx = WriteContext(raw_dir, work, staging, opts.max_history, opts.embed_target_content)
         image_bytes = np.where(image_ext > 0, image_size, -1)
 
@@ -279,10 +285,13 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
                 first += len(ids)
 
         item_tasks = [ShardTask("items", k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(item_sizes(), max_bytes))]
-        written = executor.map(partial(write_item_shard, ctx=ctx), item_tasks, "items", progress, total=num_items,
-                               weight=lambda task: task.count)
-        shard_lists = {"items": [{k: w[k] for k in ("path", "samples", "bytes")} for w in written]}
-        _write_item_index(staging, item_tasks, written, image_ext, num_items)
+        if opts.plan_only:
+            shard_lists = {"items": [task.planned() for task in item_tasks]}
+        else:
+            written = executor.map(partial(write_item_shard, ctx=ctx), item_tasks, "items", progress, total=num_items,
+                                   weight=lambda task: task.count)
+            shard_lists = {"items": [{k: w[k] for k in ("path", "samples", "bytes")} for w in written]}
+            _write_item_index(staging, item_tasks, written, image_ext, num_items)
         finished("items")
 
         indptr = np.load(work / "warm_indptr.npy")
@@ -300,8 +309,8 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
 
             samples[split] = relations.sample_count(split)
             tasks = [ShardTask(split, k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(sample_sizes(), max_bytes))]
-            shard_lists[split] = executor.map(partial(write_sample_shard, ctx=ctx), tasks, split, progress, total=samples[split],
-                                              weight=lambda task: task.count)
+            shard_lists[split] = [task.planned() for task in tasks] if opts.plan_only else executor.map(
+                partial(write_sample_shard, ctx=ctx), tasks, split, progress, total=samples[split], weight=lambda task: task.count)
         disk.sample()
         finished("samples")
     finally:
@@ -357,7 +366,7 @@ def _write_item_index(staging: Path, tasks: list[ShardTask], written: list[dict]
 
 def _options_dict(opts: BuildOptions, raw_dir: Path) -> dict:
     options = asdict(opts)
-    for transient in ("workers", "progress", "memory_limit_mb", "work_dir", "ray_address"):  # they do not change the output
+    for transient in ("workers", "progress", "memory_limit_mb", "work_dir", "ray_address", "plan_only"):  # they do not change the output
         options.pop(transient)
     options["raw_format"]["text_fields"] = list(opts.raw_format.text_fields)
     options["raw_format"]["rating_range"] = list(opts.raw_format.rating_range)

@@ -87,13 +87,18 @@ class ShardWriter:
         if (self.samples, self.offset) != (task.count, task.size):
             raise RuntimeError(f"{self.path}: {self.samples} samples in {self.offset} bytes, the plan said {task.count} in "
                                f"{task.size}: the shard plan does not match the writer (a bug)")
-        end = self.offset + 2 * BLOCK
-        self._file.write(bytes(2 * BLOCK + -end % _RECORD))
+        self._file.write(bytes(tar_bytes(self.offset) - self.offset))
         self._file.close()
         tmp = self.path.with_suffix(".tar.tmp")
         size = tmp.stat().st_size
         os.replace(tmp, self.path)
         return size
+
+
+def tar_bytes(members: int) -> int:
+    """The size of a tar whose members take these bytes: two zero blocks end it, padded to whole records."""
+    end = members + 2 * BLOCK
+    return end + -end % _RECORD
 
 
 def padded(sizes: np.ndarray) -> np.ndarray:
@@ -154,6 +159,10 @@ class ShardTask:
     def path(self) -> str:
         folder = self.split
         return f"{folder}/{folder}-{self.number:06d}.tar"
+
+    def planned(self) -> dict:
+        """The manifest entry the shard will have once written."""
+        return {"path": self.path, "samples": self.count, "bytes": tar_bytes(self.size)}
 
 
 def item_header(item: int, raw_id: str, has_image: bool) -> bytes:
