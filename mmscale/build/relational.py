@@ -9,7 +9,7 @@ is left in the work folder as files any process (or node, on a shared file syste
     SPLIT.parquet                 n, user, position, target: the samples of each split in shard order
     warm_text.bin, warm_indptr.npy  each user's warm items by time (CSR), as JSON text: item k's decimal digits and
                                     ", " start at warm_digits[k] + 2k, so a sample's history is one slice of text
-    warm_digits.npy                 prefix sums of the decimal digits of the warm items (the headers' JSON lengths)
+    warm_digits.npy                 prefix sums of the decimal digits of the warm items (where a history's text lies)
 
 DuckDB rather than Polars: its sorts, joins and window functions spill to disk under one memory limit, it
 reads and writes Parquet itself, and it needs no Arrow or pandas in the install.
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import random
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 import duckdb
 import numpy as np
@@ -158,35 +160,40 @@ class Relations:
         return self.db.execute("SELECT strlen(text) AS n FROM item_map ORDER BY i").fetchnumpy()["n"].astype(np.int64)
 
     # -- splits ----------------------------------------------------------------------------------------------------
-    def split(self, cold_fraction: float, seed: int) -> list[int]:
+    def split(self, cold_fraction: float, seed: int, max_history: int) -> list[int]:
         """Draws the cold items (a seeded fraction of the items with interactions, never seen in training) and
         splits every user's sequence: leave-one-out by time over the warm items (ties by file line), each
-        cold-item interaction a cold sample. Returns the cold items."""
+        cold-item interaction a cold sample, each sample with the JSON length of its history (its last
+        `max_history` warm items, ", "-joined). Returns the cold items."""
         interacted = self.db.execute("SELECT DISTINCT i FROM kept JOIN item_map ON kept.item = item_map.id ORDER BY i").fetchnumpy()["i"]
         # sampling positions draws what sampling the list would, without a Python int per item
         drawn = random.Random(seed).sample(range(len(interacted)), int(round(cold_fraction * len(interacted))))
         cold = sorted(interacted[drawn].tolist())
         self.db.execute("CREATE TABLE cold AS SELECT unnest($1::BIGINT[]) AS i", [cold])
-        # pos: how many warm items the user had before this interaction (a warm item's own index among them)
+        # pos: how many warm items the user had before this interaction (a warm item's own index among them);
+        # history_bytes: the JSON length of the warm items at positions pos - max_history .. pos - 1 (cold rows in
+        # that range add nothing), so planning needs no per-interaction array in memory
         self.db.execute(
-            "CREATE TABLE events AS SELECT u, i, cold, coalesce(sum(CASE WHEN cold THEN 0 ELSE 1 END) OVER "
+            "CREATE TABLE events AS SELECT *, coalesce(sum(CASE WHEN cold THEN NULL ELSE length(i::VARCHAR) + 2 END) OVER "
+            f"(PARTITION BY u ORDER BY pos RANGE BETWEEN {int(max_history)} PRECEDING AND 1 PRECEDING), 2) - 2 AS history_bytes "
+            "FROM (SELECT u, i, cold, coalesce(sum(CASE WHEN cold THEN 0 ELSE 1 END) OVER "
             "(PARTITION BY u ORDER BY ts, line ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::BIGINT AS pos, ts, line FROM "
             "(SELECT u, item_map.i, ts, kept.line, cold.i IS NOT NULL AS cold FROM kept JOIN user_map USING (user) "
-            "JOIN item_map ON kept.item = item_map.id LEFT JOIN cold ON cold.i = item_map.i)")
-        self.db.execute("CREATE TABLE warm AS SELECT u, pos, i FROM events WHERE NOT cold ORDER BY u, pos")
+            "JOIN item_map ON kept.item = item_map.id LEFT JOIN cold ON cold.i = item_map.i))")
+        self.db.execute("CREATE TABLE warm AS SELECT u, pos, i, history_bytes FROM events WHERE NOT cold ORDER BY u, pos")
         self.db.execute("CREATE TABLE warm_count AS SELECT u, count(*) FILTER (WHERE NOT cold) AS n FROM events GROUP BY u ORDER BY u")
         # the train order: by MD5 of "seed:user:position", which any other tool (or DuckDB version) computes alike
         self.db.execute("CREATE TABLE samples_train AS SELECT row_number() OVER (ORDER BY md5_number(concat($1, ':', u, ':', pos)), u, pos) "
-                        "- 1 AS n, u, pos, i "
+                        "- 1 AS n, u, pos, i, history_bytes "
                         "FROM warm JOIN warm_count USING (u) WHERE pos >= 1 AND pos <= n - 3", [seed])
-        self.db.execute("CREATE TABLE samples_valid AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i "
+        self.db.execute("CREATE TABLE samples_valid AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i, history_bytes "
                         "FROM warm JOIN warm_count USING (u) WHERE pos = n - 2")
-        self.db.execute("CREATE TABLE samples_test AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i "
+        self.db.execute("CREATE TABLE samples_test AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i, history_bytes "
                         "FROM warm JOIN warm_count USING (u) WHERE pos = n - 1")
-        self.db.execute("CREATE TABLE samples_cold AS SELECT row_number() OVER (ORDER BY u, ts, line) - 1 AS n, u, pos, i "
+        self.db.execute("CREATE TABLE samples_cold AS SELECT row_number() OVER (ORDER BY u, ts, line) - 1 AS n, u, pos, i, history_bytes "
                         "FROM events WHERE cold")
         for split in ("train", "valid", "test", "cold"):
-            self.db.execute(f"COPY (SELECT * FROM samples_{split} ORDER BY n) TO $1 (FORMAT parquet, ROW_GROUP_SIZE 65536)",
+            self.db.execute(f"COPY (SELECT n, u, pos, i FROM samples_{split} ORDER BY n) TO $1 (FORMAT parquet, ROW_GROUP_SIZE 65536)",
                             [str(self.work / f"{split}.parquet")])
         return cold
 
@@ -194,10 +201,10 @@ class Relations:
         return self._count(f"SELECT * FROM samples_{split}")
 
     def sample_chunks(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        """The split's samples (u, pos, i) in shard order, in bounded chunks."""
+        """The split's samples (u, i, history_bytes) in shard order, in bounded chunks."""
         total = self.sample_count(split)
         for start in range(0, total, CHUNK_ROWS):
-            chunk = self.db.execute(f"SELECT u, pos, i FROM samples_{split} WHERE n >= $1 AND n < $2 ORDER BY n",
+            chunk = self.db.execute(f"SELECT u, i, history_bytes FROM samples_{split} WHERE n >= $1 AND n < $2 ORDER BY n",
                                     [start, start + CHUNK_ROWS]).fetchnumpy()
             yield {name: np.asarray(values, np.int64) for name, values in chunk.items()}
 
@@ -208,13 +215,14 @@ class Relations:
         assert len(counts) == num_users
         indptr = np.concatenate([[0], np.cumsum(counts)])
         np.save(self.work / "warm_indptr.npy", indptr)
-        digits = np.lib.format.open_memmap(self.work / "warm_digits.npy", mode="w+", dtype=np.int64, shape=(int(indptr[-1]) + 1,))
-        digits[0] = 0
-        with open(self.work / "warm_text.bin", "wb") as text:
-            for start, stop, chunk in self._user_chunks("SELECT i FROM warm WHERE u >= $1 AND u < $2 ORDER BY u, pos", indptr):
-                digits[start + 1 : stop + 1] = digits[start] + np.cumsum(decimal_digits(chunk["i"]))
+        with open(self.work / "warm_text.bin", "wb") as text, _npy_writer(self.work / "warm_digits.npy", int(indptr[-1]) + 1) as digits:
+            total = np.zeros(1, np.int64)
+            digits(total)
+            for _, _, chunk in self._user_chunks("SELECT i FROM warm WHERE u >= $1 AND u < $2 ORDER BY u, pos", indptr):
+                sums = total[-1] + np.cumsum(decimal_digits(chunk["i"]))
+                digits(sums)
+                total = sums[-1:] if len(sums) else total
                 text.write("".join(f"{i}, " for i in chunk["i"].tolist()).encode())
-        digits.flush()
 
     def write_seen(self, path: Path) -> None:
         """seen.npz: each user's training items (warm items before valid and test), sorted, as CSR."""
@@ -223,10 +231,13 @@ class Relations:
         per_user = self.db.execute(f"SELECT u, count(*) AS c FROM ({query}) GROUP BY u").fetchnumpy()
         counts[per_user["u"]] = per_user["c"]
         indptr = np.concatenate([[0], np.cumsum(counts)])
-        items = np.lib.format.open_memmap(self.work / "seen_items.npy", mode="w+", dtype=np.int64, shape=(int(indptr[-1]),))
-        for start, stop, chunk in self._user_chunks(f"SELECT i FROM ({query}) WHERE u >= $1 AND u < $2 ORDER BY u, i", indptr):
-            items[start:stop] = chunk["i"]
-        np.savez(path, indptr=indptr, items=items)
+        # written into the archive as fetched: np.savez would need the whole array (in memory or mapped)
+        with zipfile.ZipFile(path, "w") as archive:
+            with archive.open(_member("indptr.npy"), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, indptr)
+            with _npy_writer(archive.open(_member("items.npy"), "w", force_zip64=True), int(indptr[-1])) as items:
+                for _, _, chunk in self._user_chunks(f"SELECT i FROM ({query}) WHERE u >= $1 AND u < $2 ORDER BY u, i", indptr):
+                    items(chunk["i"])
 
     def _user_chunks(self, query: str, indptr: np.ndarray) -> Iterator[tuple[int, int, dict]]:
         """Runs `query` (bound to a user range) over ranges of users holding about CHUNK_ROWS rows each."""
@@ -237,6 +248,29 @@ class Relations:
             last = min(last, users)
             yield int(indptr[first]), int(indptr[last]), self.db.execute(query, [first, last]).fetchnumpy()
             first = last
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """An archive member with a fixed time, so the same data gives the same bytes."""
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
+@contextmanager
+def _npy_writer(target: Path | IO[bytes], length: int) -> Iterator[Callable[[np.ndarray], None]]:
+    """Writes `length` int64 values, passed in order in arrays, as a .npy file; checks the count."""
+    f = open(target, "wb") if isinstance(target, Path) else target
+    written = 0
+
+    def write(values: np.ndarray) -> None:
+        nonlocal written
+        f.write(np.asarray(values, "<i8").tobytes())
+        written += len(values)
+
+    with f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (length,)})
+        yield write
+        if written != length:
+            raise RuntimeError(f"{target}: {written} values written, {length} expected (a bug)")
 
 
 def decimal_digits(values: np.ndarray) -> np.ndarray:

@@ -260,7 +260,7 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
         np.save(work / "image_size.npy", image_size)
         finished("images")
 
-        cold = relations.split(opts.cold_item_fraction, opts.seed)
+        cold = relations.split(opts.cold_item_fraction, opts.seed, opts.max_history)
         steps.update()
         relations.write_sequences(num_users)
         relations.write_seen(staging / "seen.npz")
@@ -294,14 +294,12 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
             _write_item_index(staging, item_tasks, written, image_ext, num_items)
         finished("items")
 
-        indptr = np.load(work / "warm_indptr.npy")
-        digits = np.load(work / "warm_digits.npy", mmap_mode="r")
         ctx = WriteContext(raw_dir, work, staging, opts.max_history, opts.embed_target_content, tuple(s["path"] for s in shard_lists["items"]))
         samples = {}
         for split in SPLITS:
             def sample_sizes(split=split):
                 for chunk in relations.sample_chunks(split):
-                    header = header_lengths(split, chunk["u"], chunk["pos"], chunk["i"], opts.max_history, indptr, digits)
+                    header = header_lengths(split, chunk["u"], chunk["i"], chunk["history_bytes"])
                     if not opts.embed_target_content:
                         yield member_sizes(header)
                     else:

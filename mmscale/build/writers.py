@@ -248,15 +248,12 @@ def history_text_ranges(begin: np.ndarray, end: np.ndarray, digits: np.ndarray) 
     return digits[begin] + 2 * begin, digits[end] + 2 * end - 2 * (end > begin)
 
 
-def header_lengths(split: str, users: np.ndarray, positions: np.ndarray, targets: np.ndarray, max_history: int,
-                   indptr: np.ndarray, digits: np.ndarray) -> np.ndarray:
-    """Byte length of each sample's sample_header."""
+def header_lengths(split: str, users: np.ndarray, targets: np.ndarray, history_bytes: np.ndarray) -> np.ndarray:
+    """Byte length of each sample's sample_header, from the JSON length of its history."""
     from .relational import decimal_digits
 
-    start = indptr[users]
-    text_begin, text_end = history_text_ranges(start + np.maximum(0, positions - max_history), start + positions, digits)
     fixed = len(sample_header(0, 0, split.encode(), b"")) - 2
-    return fixed + (text_end - text_begin) + decimal_digits(targets) + decimal_digits(users)
+    return fixed + history_bytes + decimal_digits(targets) + decimal_digits(users)
 
 
 def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
