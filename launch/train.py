@@ -40,6 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # before the heavy imports: --help is instant
+    from mmscale.engine.distributed import shutdown_distributed
+
+    try:
+        return train(args)
+    finally:
+        shutdown_distributed()
+
+
+def train(args: argparse.Namespace) -> int:
     from mmscale.config import ConfigError, load_config
     from mmscale.data.format import ShardFormatError
     from mmscale.engine.checkpoint import CheckpointError, SaveError

@@ -504,6 +504,22 @@ def test_a_second_training_into_a_busy_run_folder_is_a_named_error(world_shards,
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written beside it
 
 
+def test_an_error_exit_destroys_the_process_group_first(world_shards, tmp_path):
+    """gloo's threads left running at interpreter exit can abort the process (SIGABRT), losing the exit status 2
+    of a refused start: seen in this file's tests. The entry point destroys the group on every way out."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script, *argv = train_args(world_shards, run_dir)
+    probe = ("import importlib.util, sys, torch.distributed as dist; spec = importlib.util.spec_from_file_location('train', sys.argv[1]); "
+             "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train); "
+             "status = train.main(sys.argv[2:]); print('exit', status, 'initialised', dist.is_initialized())")
+    with open(run_dir / ".lock", "a+") as held:  # a training in progress: the start is refused after the group is made
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = run("-c", probe, script, *argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "exit 2 initialised False"
+
+
 def test_resuming_on_another_dataset_is_a_named_error(trained_run, world_shards, tiny_raw, tmp_path):
     run_dir = copy_run(trained_run, tmp_path)
     other = tmp_path / "other-shards"

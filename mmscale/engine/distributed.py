@@ -79,6 +79,14 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
 
 
+def shutdown_distributed() -> None:
+    """Destroys the process group, if one was made. A process that exits with gloo's worker threads still running
+    may abort in interpreter shutdown ("terminate called without an active exception", SIGABRT): seen here on
+    error exits, which then lost their exit status."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _unlink_shared_memory_name(rank: int) -> None:
     """DeepSpeed's CPU all-reduce creates a /dev/shm buffer per rank when all ranks share a host (named in its
     csrc/cpu/comm/shm.cpp by user, MASTER_ADDR, MASTER_PORT and rank) and never unlinks it: 66 MB of RAM per rank stay
