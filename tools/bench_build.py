@@ -96,7 +96,8 @@ def tile_world(base: Path, world: Path, copies: int) -> None:
     for name in os.listdir(base / "images"):
         os.link(base / "images" / name, partial / "images" / name)
     with open(partial / "interactions.csv", "wb") as out, duckdb.connect() as db:
-        out.write((base / "interactions.csv").open("rb").readline())
+        with open(base / "interactions.csv", "rb") as header:
+            out.write(header.readline())
         for k in range(copies):
             part = partial / f"copy-{k}.csv"
             db.execute(f"COPY (SELECT user_id + {k * users}, item_id + {k * items}, rating, timestamp FROM read_csv($1)) TO $2 "

@@ -216,12 +216,12 @@ class Relations:
         indptr = np.concatenate([[0], np.cumsum(counts)])
         np.save(self.work / "warm_indptr.npy", indptr)
         with open(self.work / "warm_text.bin", "wb") as text, _npy_writer(self.work / "warm_digits.npy", int(indptr[-1]) + 1) as digits:
-            total = np.zeros(1, np.int64)
-            digits(total)
+            digits(np.zeros(1))
+            total = 0  # digits of every warm item so far
             for _, _, chunk in self._user_chunks("SELECT i FROM warm WHERE u >= $1 AND u < $2 ORDER BY u, pos", indptr):
-                sums = total[-1] + np.cumsum(decimal_digits(chunk["i"]))
+                sums = total + np.cumsum(decimal_digits(chunk["i"]))
                 digits(sums)
-                total = sums[-1:] if len(sums) else total
+                total = int(sums[-1]) if len(sums) else total
                 text.write("".join(f"{i}, " for i in chunk["i"].tolist()).encode())
 
     def write_seen(self, path: Path) -> None:
