@@ -167,15 +167,6 @@ def after_warmup(windows: list[tuple[int, int, float, float]], warmup: int) -> l
 
 
 # -- mmscale ------------------------------------------------------------------------------------------
-def deepspeed_config(stage: int, work: Path) -> Path:
-    """ds_configs/zeroK.json; stage 0 (plain data parallel) has no file there, so one is written."""
-    if stage:
-        return REPO / "ds_configs" / f"zero{stage}.json"
-    path = work / "zero0.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-    return path
-
-
 def logged_windows(metrics: Path, global_batch: int) -> list[tuple[int, int, float, float]]:
     """mmscale's logging windows so far: (first step, last step, seconds, data-wait seconds)."""
     windows, previous = [], 0
@@ -202,7 +193,7 @@ def run_mmscale(work: Path, name: str, *, shards: str, weights: dict, stage: int
         "data.shards": shards, "encoder.model": model, "data.batch_size": batch_size,
         "data.num_workers": workers, "objectives.weights": json.dumps(weights),
         "optim.lr_encoder": lr, "optim.warmup_steps": warmup,
-        "train.run_dir": run_dir, "train.deepspeed_config": deepspeed_config(stage, work),
+        "train.run_dir": run_dir, "train.deepspeed_config": REPO / "ds_configs" / f"zero{stage}.json",
         "train.max_steps": total, "train.log_every": window, "train.precision": "fp32", "eval.splits": "[]",
         **{f"encoder.{key}": value for key, value in (encoder or {}).items()},
     }

@@ -317,7 +317,7 @@ def test_deepspeed_config_missing_or_invalid_file(tmp_path):
         build_deepspeed_config(config_with(bad), 1, False)
 
 
-@pytest.mark.parametrize("name,stage", [("zero1.json", 1), ("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])
+@pytest.mark.parametrize("name,stage", [("zero0.json", 0), ("zero1.json", 1), ("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_shipped_deepspeed_configs_build(name, stage, bf16):
     path = REPO / "ds_configs" / name

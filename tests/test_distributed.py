@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers.parity import assert_parity
 from helpers.train_worker import CASES
@@ -39,15 +40,16 @@ def deepspeed_cmd(ranks: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_ranks(world_shards, vlmo_tokenizer, tmp_path_factory) -> Path:
-    """Every parity case under ZeRO-1, 2 and 3 on 2 ranks, in one launch: each rank reads its own production stream."""
+    """Every parity case under stage 0 (gradients averaged during the backward) and ZeRO-1, 2 and 3 on 2 ranks, in one
+    launch: each rank reads its own production stream."""
     out = tmp_path_factory.mktemp("two-ranks")
-    runs = [f"{case}:{stage}" for stage in (1, 2, 3) for case in CASES]
+    runs = [f"{case}:{stage}" for stage in (0, 1, 2, 3) for case in CASES]
     run(deepspeed_cmd(2) + [str(WORKER), "--shards", str(world_shards), "--out", str(out), "--runs", ",".join(runs),
                             "--vlmo-tokenizer", str(vlmo_tokenizer)], threads=1, timeout=2400)
     return out
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process(case, stage, two_ranks, parity_reference):
     """Two-tower (end to end, fine_tuned, frozen), MP4SR (pretrain, finetune, joint) and VLMo (ITC+ITM+MLM): two ranks,
@@ -93,3 +95,52 @@ def test_resume_continues_the_same_run(model, world_shards, request, tmp_path):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6), (model, step)
     tags = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step*"))
     assert tags == ["step00000003", "step00000006"]
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+
+    def forward(self, x, use_b: bool):
+        return {"loss": self.a(x).sum() + (self.b(x).sum() if use_b else 0.0)}
+
+
+def _accumulate(rank: int, port: int, out: Path) -> None:
+    """Two micro-batches as the Trainer runs them at stage 0: no sync, then sync at the boundary; `b` is unused by
+    rank 0's second micro-batch; a third step uses `b` nowhere."""
+    import torch.distributed as dist
+
+    from mmscale.engine.distributed import average_gradients_in_backward
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = _TwoLayers()
+    average_gradients_in_backward(model)
+    x = [torch.full((1, 2), float(rank + 1)), torch.full((1, 2), 10.0 * (rank + 1))]
+    for micro, use_b in enumerate([True, rank == 1]):
+        model.set_requires_gradient_sync(micro == 1)
+        model(x[micro], use_b)["loss"].backward()
+    grads = {"a": model.a.weight.grad.clone(), "b": model.b.weight.grad.clone()}
+    model.a.weight.grad = model.b.weight.grad = None
+    model(x[0], False)["loss"].backward()
+    grads["b_unused_everywhere"] = torch.tensor(float(model.b.weight.grad is None))
+    torch.save(grads, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_path):
+    """Stage 0 on several ranks averages gradients in the backward (torch's DDP reducer, not DeepSpeed): accumulated
+    micro-batches are averaged once, at the boundary, a parameter one rank did not use in that micro-batch still
+    carries the gradient both ranks accumulated, and a parameter no rank used keeps no gradient."""
+    import torch.multiprocessing as mp
+
+    from mmscale.engine.distributed import free_port
+
+    mp.spawn(_accumulate, args=(free_port(), tmp_path), nprocs=2)
+    # local sums of x over the micro-batches using the layer: a: rank 0 1 + 10, rank 1 2 + 20; b: rank 0 1, rank 1 22
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert grads["a"].tolist() == [[16.5, 16.5]]
+        assert grads["b"].tolist() == [[11.5, 11.5]]
+        assert grads["b_unused_everywhere"].item() == 1.0

@@ -1,6 +1,7 @@
 """A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2 and ZeRO-3), and one saved on 1 rank resumes on 2,
 through DeepSpeed's universal checkpoint: the losses after the resume and the final weights equal the uninterrupted 2-rank run's, because the
-data order belongs to the run (its logical streams), not to the world size."""
+data order belongs to the run (its logical streams), not to the world size. Stage 0 on 2 ranks, which averages
+gradients during the backward, accumulates and resumes as one process does."""
 
 from __future__ import annotations
 
@@ -113,3 +114,24 @@ def test_a_resume_on_another_world_size_keeps_the_global_micro_batch(two_ranks, 
     assert wrong.returncode == 2
     assert "data.batch_size: " in wrong.stderr and "its global micro-batch of 16 needs data.batch_size=16" in wrong.stderr, wrong.stderr[-2000:]
     assert not (tag / "universal").exists()
+
+
+def test_stage_0_on_two_ranks_accumulates_and_resumes_as_one_process(world_shards, tmp_path):
+    """Stage 0 on several ranks averages gradients during the backward (torch's DDP reducer), once per step: 2 ranks x
+    batch 4 x 2 accumulated micro-batches, stopped at step 3 and resumed, train as one process does on the same global
+    batches (batch 8 x 2, reading the run's 2 streams): the same losses at every step and the same final weights."""
+    accumulate = ("--set", "optim.grad_accum=2")
+    one = train(world_shards, tmp_path / "one", 1, 0, *accumulate, "--set", "data.streams=2", batch_size=8)
+    stopped = train(world_shards, tmp_path / "two", 2, 0, *accumulate, "--stop-at", str(SAVED_AT), batch_size=4)
+    assert one.returncode == 0 and stopped.returncode == 0, (one.stderr + stopped.stderr)[-3000:]
+    resumed = train(world_shards, tmp_path / "two", 2, 0, *accumulate, "--resume", "latest", batch_size=4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    reference, weights = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert reference.keys() == weights.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)

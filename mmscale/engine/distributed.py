@@ -150,6 +150,18 @@ def gather(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def average_gradients_in_backward(module: torch.nn.Module) -> None:
+    """Averages `module`'s gradients over the ranks during the backward, bucket by bucket as each bucket's gradients
+    are complete, with torch DDP's reducer (`replicate`: no wrapper module, so parameter names and state-dict keys
+    stay). The process group runs each all-reduce in its own threads beside the rest of the backward, where
+    DeepSpeed's stage 0 all-reduces once the backward is over. Parameters a step does not use (the encoder once
+    fine_tuned has frozen it, a modality expert with no input) are found in every forward. Nothing is broadcast:
+    DeepSpeed's initialisation has sent rank 0's weights, and buffers stay per rank as under DeepSpeed."""
+    from torch.distributed._composable import replicate
+
+    replicate(module, find_unused_parameters=True, forward_sync_buffers=False, init_sync=False)
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()

@@ -33,7 +33,7 @@ from ..models import build_preprocess
 from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from .distributed import all_reduce_sum, any_rank, barrier, deepspeed, gather, init_distributed
+from .distributed import all_reduce_sum, any_rank, average_gradients_in_backward, barrier, deepspeed, gather, init_distributed
 from .monitor import Monitor, run_log
 
 
@@ -119,6 +119,11 @@ class Trainer:
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.steps_per_epoch))
 
         self.zero_stage = zero_stage(ds_config)
+        # Stage 0 on several ranks: gradients are averaged during the backward, beside it, rather than by DeepSpeed after
+        # it. Not under bf16, whose DeepSpeed optimizer reduces its own fp32 copies of the gradients.
+        self.reduces_in_backward = self.zero_stage == 0 and self.dist.world_size > 1 and not self.bf16
+        if self.reduces_in_backward:
+            average_gradients_in_backward(task)
         optimizer = self._optimizer(task, ds_config)
         windows = task.training_windows()
         schedules = [warmup_cosine(config.optim.warmup_steps, self.total_steps, *windows[g["name"].split("/")[0]]) for g in optimizer.param_groups]
@@ -127,6 +132,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedules),
         )
         self.task = self.engine.module
+        self.engine.enable_backward_allreduce = not self.reduces_in_backward
         self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum)
 
         self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
@@ -320,6 +326,8 @@ class Trainer:
             data_wait += time.perf_counter() - wait_start
             items_encoded += len(batch.item_ids)
             corrupt += int(batch.corrupt_samples)  # a CPU tensor from the loader: no device sync
+            if self.reduces_in_backward:  # accumulated micro-batches: their sum is averaged once, at the boundary
+                self.task.set_requires_gradient_sync(self.engine.is_gradient_accumulation_boundary())
             losses = self.engine(batch.to(self.dist.device), gather)
             total = sum(self.task.loss_weights[n] * losses[n] for n in names)
             # One host sync per step: the only way to keep a NaN out of the weights is to look before the update.
