@@ -155,11 +155,12 @@ def average_gradients_in_backward(module: torch.nn.Module) -> None:
     are complete, with torch DDP's reducer (`replicate`: no wrapper module, so parameter names and state-dict keys
     stay). The process group runs each all-reduce in its own threads beside the rest of the backward, where
     DeepSpeed's stage 0 all-reduces once the backward is over. Parameters a step does not use (the encoder once
-    fine_tuned has frozen it, a modality expert with no input) are found in every forward. Nothing is broadcast:
-    DeepSpeed's initialisation has sent rank 0's weights, and buffers stay per rank as under DeepSpeed."""
+    fine_tuned has frozen it, a modality expert with no input) are found in every forward. Gradients are views of
+    the reducer's buckets, so the buckets are not a second copy of them. Nothing is broadcast: DeepSpeed's
+    initialisation has sent rank 0's weights, and buffers stay per rank as under DeepSpeed."""
     from torch.distributed._composable import replicate
 
-    replicate(module, find_unused_parameters=True, forward_sync_buffers=False, init_sync=False)
+    replicate(module, find_unused_parameters=True, gradient_as_bucket_view=True, forward_sync_buffers=False, init_sync=False)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
