@@ -45,8 +45,8 @@ def clean_env(monkeypatch):
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_two_nodes_match_one_process(launcher, world_shards, vlmo_tokenizer, parity_reference, tmp_path):
     """2 nodes x 2 ranks, each rank fed only its own production stream: the losses and gradients of one process on the
-    same global batches. Every case under ZeRO-1, 2 and 3 with the DeepSpeed launcher; two of them under torchrun."""
-    runs = [f"{case}:{stage}" for stage in (1, 2, 3) for case in CASES] if launcher == "deepspeed" else ["two_tower:3", "mp4sr_joint:3"]
+    same global batches. Every case under stage 0 and ZeRO-1, 2 and 3 with the DeepSpeed launcher; two of them under torchrun."""
+    runs = [f"{case}:{stage}" for stage in (0, 1, 2, 3) for case in CASES] if launcher == "deepspeed" else ["two_tower:3", "mp4sr_joint:3"]
     code = run_two_nodes(launcher, [str(WORKER), "--shards", str(world_shards), "--out", str(tmp_path), "--runs", ",".join(runs),
                                     "--vlmo-tokenizer", str(vlmo_tokenizer)], timeout_s=2400)
     assert code == 0
