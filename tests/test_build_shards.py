@@ -558,6 +558,36 @@ def test_output_does_not_depend_on_the_number_of_writers_or_the_memory_limit(sma
     assert all_files(tmp_path / "two") == all_files(one)
 
 
+def test_writers_that_drop_their_mapped_pages_every_few_samples_write_the_same_bytes(small_world, tmp_path, monkeypatch):
+    from mmscale.build import writers
+
+    raw, one, manifest, opts = small_world
+    monkeypatch.setattr(writers, "RELEASE_EVERY", 3)  # histories read across many drops of the sequence files' pages
+    build_shards(raw, tmp_path / "chunked", BuildOptions(workers=1, **opts))
+    assert all_files(tmp_path / "chunked") == all_files(one)
+
+
+def _mapped_file_rss_kib() -> int:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssFile:")).split()[1])
+
+
+def test_a_shared_map_leaves_this_process_when_released(tmp_path):
+    """What bounds a sample writer's memory: pages read through the map count in its RSS until released."""
+    from mmscale.build.writers import SharedMap
+
+    np.save(tmp_path / "values.npy", np.arange(8 * 2**20 // 8, dtype=np.int64))  # 8 MiB
+    mapped = SharedMap(tmp_path / "values.npy")
+    values = mapped.npy()
+    before = _mapped_file_rss_kib()
+    assert int(values[::512].sum()) == int(np.arange(0, 2**20, 512).sum())  # one value per 4 KiB page
+    touched = _mapped_file_rss_kib()
+    mapped.release()
+    assert touched - before > 6 * 1024 and _mapped_file_rss_kib() - before < 1024, (before, touched, _mapped_file_rss_kib())
+    assert int(values[-1]) == 2**20 - 1 and len(values) == 2**20  # still readable after a release
+    (tmp_path / "empty").touch()
+    assert SharedMap(tmp_path / "empty").data == b""  # an empty sequence file: every history is empty
+
+
 def test_a_plan_only_build_lists_the_shards_a_build_writes_and_writes_nothing(small_world, tmp_path, capsys):
     raw, one, manifest, opts = small_world
     out = tmp_path / "out"

@@ -156,8 +156,16 @@ class Relations:
         while rows := result.fetchmany(chunk):
             yield rows
 
-    def text_bytes(self) -> np.ndarray:
-        return self.db.execute("SELECT strlen(text) AS n FROM item_map ORDER BY i").fetchnumpy()["n"].astype(np.int64)
+    def write_text_bytes(self, path: Path, num_items: int) -> int:
+        """Each item's text length in bytes, in index order, as a .npy file; returns how many items have no text."""
+        empty = 0
+        with npy_writer(path, num_items) as write:
+            for start in range(0, num_items, CHUNK_ROWS):
+                lengths = self.db.execute("SELECT strlen(text) AS n FROM item_map WHERE i >= $1 AND i < $2 ORDER BY i",
+                                          [start, start + CHUNK_ROWS]).fetchnumpy()["n"]
+                write(lengths)
+                empty += int((lengths == 0).sum())
+        return empty
 
     # -- splits ----------------------------------------------------------------------------------------------------
     def split(self, cold_fraction: float, seed: int, max_history: int) -> list[int]:
@@ -215,7 +223,7 @@ class Relations:
         assert len(counts) == num_users
         indptr = np.concatenate([[0], np.cumsum(counts)])
         np.save(self.work / "warm_indptr.npy", indptr)
-        with open(self.work / "warm_text.bin", "wb") as text, _npy_writer(self.work / "warm_digits.npy", int(indptr[-1]) + 1) as digits:
+        with open(self.work / "warm_text.bin", "wb") as text, npy_writer(self.work / "warm_digits.npy", int(indptr[-1]) + 1) as digits:
             digits(np.zeros(1))
             total = 0  # digits of every warm item so far
             for _, _, chunk in self._user_chunks("SELECT i FROM warm WHERE u >= $1 AND u < $2 ORDER BY u, pos", indptr):
@@ -233,9 +241,9 @@ class Relations:
         indptr = np.concatenate([[0], np.cumsum(counts)])
         # written into the archive as fetched: np.savez would need the whole array (in memory or mapped)
         with zipfile.ZipFile(path, "w") as archive:
-            with archive.open(_member("indptr.npy"), "w", force_zip64=True) as f:
+            with archive.open(zip_member("indptr.npy"), "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, indptr)
-            with _npy_writer(archive.open(_member("items.npy"), "w", force_zip64=True), int(indptr[-1])) as items:
+            with npy_writer(archive.open(zip_member("items.npy"), "w", force_zip64=True), int(indptr[-1])) as items:
                 for _, _, chunk in self._user_chunks(f"SELECT i FROM ({query}) WHERE u >= $1 AND u < $2 ORDER BY u, i", indptr):
                     items(chunk["i"])
 
@@ -250,24 +258,26 @@ class Relations:
             first = last
 
 
-def _member(name: str) -> zipfile.ZipInfo:
+def zip_member(name: str) -> zipfile.ZipInfo:
     """An archive member with a fixed time, so the same data gives the same bytes."""
     return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
 
 
 @contextmanager
-def _npy_writer(target: Path | IO[bytes], length: int) -> Iterator[Callable[[np.ndarray], None]]:
-    """Writes `length` int64 values, passed in order in arrays, as a .npy file; checks the count."""
+def npy_writer(target: Path | IO[bytes], length: int, dtype: str = "<i8") -> Iterator[Callable[[np.ndarray], None]]:
+    """Writes `length` values, passed in order in arrays, as a one-dimensional .npy file (the bytes np.save writes);
+    checks the count."""
     f = open(target, "wb") if isinstance(target, Path) else target
     written = 0
 
     def write(values: np.ndarray) -> None:
         nonlocal written
-        f.write(np.asarray(values, "<i8").tobytes())
+        f.write(np.asarray(values, dtype).tobytes())
         written += len(values)
 
     with f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (length,)})
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                                 "shape": (length,)})
         yield write
         if written != length:
             raise RuntimeError(f"{target}: {written} values written, {length} expected (a bug)")

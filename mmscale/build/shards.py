@@ -20,6 +20,7 @@ import os
 import resource
 import shutil
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -33,10 +34,10 @@ from tqdm import tqdm
 from ..locks import try_lock
 from ..data.format import FORMAT_VERSION, IMAGE_EXT_CODES, MANIFEST, ShardFormatError
 from .raw import BadInputError, Ledger, RawFormat, check_images, interaction_columns, line_ranges, scan_interactions, scan_items
-from .relational import Relations
+from .relational import Relations, npy_writer, zip_member
 from .writers import (
-    Executor, LocalExecutor, RayExecutor, ShardTask, WriteContext, header_lengths, item_header, member_sizes, plan_shards,
-    write_item_shard, write_sample_shard,
+    ITEM_INDEX_COLUMNS, Executor, LocalExecutor, RayExecutor, SharedMap, ShardTask, WriteContext, header_lengths, item_header,
+    item_index_piece, member_sizes, plan_shards, write_item_shard, write_sample_shard,
 )
 
 SPLITS = ("train", "valid", "test", "cold")
@@ -243,28 +244,33 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
         finished("relate")
 
         # -- images: checked once per item, in parallel ------------------------------------------------------------
-        image_ext, image_size = np.zeros(num_items, np.uint8), np.zeros(num_items, np.int64)
+        # each item's image extension code (0: none) and size, written as checked: the build holds a round of them
         check = partial(check_images, root=raw_dir, max_bytes=int(opts.max_image_mb * 2**20), max_pixels=opts.max_image_pixels)
-        with tqdm(total=relations.image_count(), desc="images", disable=not progress, unit_scale=True) as bar:
+        present = 0
+        with (tqdm(total=relations.image_count(), desc="images", disable=not progress, unit_scale=True) as bar,
+              npy_writer(work / "image_ext.npy", num_items, "|u1") as write_ext, npy_writer(work / "image_size.npy", num_items) as write_size):
+            done = 0  # items written so far (a round covers the items up to its last one with an image name)
             for named in relations.images(IMAGE_ROUND):  # in rounds: memory bounded by a round, not the catalogue
                 batches = [[image for _, _, image in named[k : k + IMAGE_BATCH]] for k in range(0, len(named), IMAGE_BATCH)]
                 checked = executor.map(check, batches, "images", False)
-                for (item, line, path), (ext, size, error) in zip(named, (r for batch in checked for r in batch)):
+                ext, size = np.zeros(named[-1][0] + 1 - done, np.uint8), np.zeros(named[-1][0] + 1 - done, np.int64)
+                for (item, line, path), (found, length, error) in zip(named, (r for batch in checked for r in batch)):
                     if not error:
-                        image_ext[item], image_size[item] = IMAGE_EXT_CODES[ext], size
+                        ext[item - done], size[item - done] = IMAGE_EXT_CODES[found], length
                         continue
                     kind, _, detail = error.partition(":")
                     ledger.record(kind, fmt.items_file, line, fmt.image_field, f"{raw_dir / path} {detail or 'does not exist'}".strip())
+                write_ext(ext), write_size(size)
+                present, done = present + int((ext > 0).sum()), done + len(ext)
                 bar.update(len(named))
-        np.save(work / "image_ext.npy", image_ext)
-        np.save(work / "image_size.npy", image_size)
+            write_ext(np.zeros(num_items - done, np.uint8)), write_size(np.zeros(num_items - done, np.int64))
         finished("images")
 
         cold = relations.split(opts.cold_item_fraction, opts.seed, opts.max_history)
         steps.update()
         relations.write_sequences(num_users)
         relations.write_seen(staging / "seen.npz")
-        text_bytes = relations.text_bytes()
+        items_without_text = relations.write_text_bytes(work / "text_bytes.npy", num_items)
         steps.update()
         steps.close()
         disk.sample()
@@ -274,14 +280,14 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
         for folder in ("items",) + SPLITS:
             (staging / folder).mkdir()  # empty in a plan-only build, which never swaps its staging folder in
         ctx = WriteContext(raw_dir, work, staging, opts.max_history, opts.embed_target_content)
-        image_bytes = np.where(image_ext > 0, image_size, -1)
+        content = _ContentSizes(work)
 
         def item_sizes():
             first = 0
             for ids in relations.ids("item_map"):
-                index = np.arange(first, first + len(ids))
-                header = np.array([len(item_header(int(i), raw_id, bool(image_ext[i]))) for i, raw_id in zip(index, ids)], np.int64)
-                yield member_sizes(header, text_bytes[index], image_bytes[index])
+                text_bytes, image_bytes = content(np.arange(first, first + len(ids)))
+                header = np.array([len(item_header(first + k, raw_id, bool(image_bytes[k] >= 0))) for k, raw_id in enumerate(ids)], np.int64)
+                yield member_sizes(header, text_bytes, image_bytes)
                 first += len(ids)
 
         item_tasks = [ShardTask("items", k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(item_sizes(), max_bytes))]
@@ -291,7 +297,7 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
             written = executor.map(partial(write_item_shard, ctx=ctx), item_tasks, "items", progress, total=num_items,
                                    weight=lambda task: task.count)
             shard_lists = {"items": [{k: w[k] for k in ("path", "samples", "bytes")} for w in written]}
-            _write_item_index(staging, item_tasks, written, image_ext, num_items)
+            _write_item_index(staging / "items" / "index.npz", work, item_tasks, num_items)
         finished("items")
 
         ctx = WriteContext(raw_dir, work, staging, opts.max_history, opts.embed_target_content, tuple(s["path"] for s in shard_lists["items"]))
@@ -303,7 +309,7 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
                     if not opts.embed_target_content:
                         yield member_sizes(header)
                     else:
-                        yield member_sizes(header, text_bytes[chunk["i"]], image_bytes[chunk["i"]])
+                        yield member_sizes(header, *content(chunk["i"]))
 
             samples[split] = relations.sample_count(split)
             tasks = [ShardTask(split, k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(sample_sizes(), max_bytes))]
@@ -314,7 +320,6 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
     finally:
         relations.close()
 
-    present = int((image_ext > 0).sum())
     return {
         "format": FORMAT_VERSION,
         "num_users": num_users,
@@ -327,7 +332,7 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
             "samples": samples,
             "images_present": present,
             "images_missing": num_items - present,
-            "items_without_text": int((text_bytes == 0).sum()),
+            "items_without_text": items_without_text,
             "cold_items": len(cold),
         },
         "bad_input": ledger.as_dict(),
@@ -349,17 +354,36 @@ def _write_json_list(path: Path, chunks: Iterator[list[str]]) -> None:
         f.write("]")
 
 
-def _write_item_index(staging: Path, tasks: list[ShardTask], written: list[dict], image_ext: np.ndarray, num_items: int) -> None:
-    """items/index.npz: where each item's text and image lie in the item shards."""
-    index = {name: np.zeros(num_items, np.int64) for name in ("image_offset", "image_size", "text_offset", "text_size")}
-    shard = np.zeros(num_items, np.int32)
-    for task, result in zip(tasks, written):
-        part = slice(task.first, task.first + task.count)
-        shard[part] = task.number
-        for name in index:
-            index[name][part] = result["index"][name]
-    np.savez(staging / "items" / "index.npz", shard=shard, image_offset=index["image_offset"], image_size=index["image_size"],
-             image_ext=image_ext, text_offset=index["text_offset"], text_size=index["text_size"])
+class _ContentSizes:
+    """Items' text bytes and image bytes (-1: no image), read from the work folder's files through maps released after
+    each use: planning holds the items of a chunk, not the catalogue's."""
+
+    def __init__(self, work: Path):
+        self.maps = [SharedMap(work / name) for name in ("text_bytes.npy", "image_ext.npy", "image_size.npy")]
+
+    def __call__(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        text, ext, size = (mapped.npy()[items] for mapped in self.maps)
+        for mapped in self.maps:
+            mapped.release()
+        return text, np.where(ext > 0, size, -1)
+
+
+def _write_item_index(path: Path, work: Path, tasks: list[ShardTask], num_items: int) -> None:
+    """items/index.npz (the bytes np.savez writes): where each item's text and image lie in the item shards, streamed
+    from the writers' per-shard pieces."""
+    image_ext = SharedMap(work / "image_ext.npy")
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, dtype in (("shard", "<i4"), ("image_offset", "<i8"), ("image_size", "<i8"), ("image_ext", "|u1"),
+                            ("text_offset", "<i8"), ("text_size", "<i8")):
+            with npy_writer(archive.open(zip_member(f"{name}.npy"), "w", force_zip64=True), num_items, dtype) as write:
+                for task in tasks:
+                    if name == "shard":
+                        write(np.full(task.count, task.number))
+                    elif name == "image_ext":
+                        write(image_ext.npy()[task.first : task.first + task.count])
+                        image_ext.release()
+                    else:
+                        write(np.load(item_index_piece(work, task))[ITEM_INDEX_COLUMNS.index(name)])
 
 
 def _options_dict(opts: BuildOptions, raw_dir: Path) -> dict:

@@ -8,7 +8,6 @@ limit. A writer then needs only its shard's rows, which it reads from the relati
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
@@ -190,22 +189,32 @@ def read_image(paths: ImagePaths, image: str, size: int) -> bytes:
     raise OSError(f"{os.path.join(paths.root, image)} changed while the build was running; build again")
 
 
+ITEM_INDEX_COLUMNS = ("text_offset", "text_size", "image_offset", "image_size")  # (offset, size) of the text, then the image
+
+
+def item_index_piece(work: Path, task: ShardTask) -> Path:
+    """Where an item shard's writer leaves its items' offsets (ITEM_INDEX_COLUMNS) for the item index."""
+    return work / f"item-index-{task.number:06d}.npy"
+
+
 def write_item_shard(task: ShardTask, ctx: WriteContext) -> dict:
-    """Writes one item shard; returns its manifest entry and the offsets of each item's text and image."""
+    """Writes one item shard and, for the item index, the offsets of each item's text and image; returns its manifest
+    entry."""
     images = np.load(ctx.work / "image_ext.npy", mmap_mode="r"), np.load(ctx.work / "image_size.npy", mmap_mode="r")
     writer, paths = ShardWriter(ctx.staging / task.path), ImagePaths(ctx.raw_dir)
-    n = task.count
-    index = {name: np.zeros(n, np.int64) for name in ("text_offset", "text_size", "image_offset", "image_size")}
-    for k, (item, raw_id, text, image) in enumerate(_rows(ctx.work / "items.parquet", "i", ("i", "id", "text", "image"), task.first, n)):
+    index = np.zeros((len(ITEM_INDEX_COLUMNS), task.count), np.int64)
+    rows = _rows(ctx.work / "items.parquet", "i", ("i", "id", "text", "image"), task.first, task.count)
+    for k, (item, raw_id, text, image) in enumerate(rows):
         code = int(images[0][item])
         members = {b"json": item_header(item, raw_id, bool(code)), b"txt": text.encode()}
         if code:
             members[_IMAGE_EXTS[code - 1]] = read_image(paths, image, int(images[1][item]))
         offsets = writer.write(b"%09d" % item, members)
-        index["text_offset"][k], index["text_size"][k] = offsets[b"txt"]
+        index[0:2, k] = offsets[b"txt"]
         if code:
-            index["image_offset"][k], index["image_size"][k] = offsets[_IMAGE_EXTS[code - 1]]
-    return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task), "index": index}
+            index[2:4, k] = offsets[_IMAGE_EXTS[code - 1]]
+    np.save(item_index_piece(ctx.work, task), index)
+    return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
 
 
 class _ItemContent:
@@ -258,24 +267,50 @@ def header_lengths(split: str, users: np.ndarray, targets: np.ndarray, history_b
 
 def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
     """Writes one shard of a split's samples: a header with the user's history, and the target's content when the
-    samples embed it."""
-    indptr = np.load(ctx.work / "warm_indptr.npy", mmap_mode="r")
-    digits = np.load(ctx.work / "warm_digits.npy", mmap_mode="r")
+    samples embed it. The shard's users are anywhere in the sequence files, so these are read through maps whose
+    pages are dropped every RELEASE_EVERY samples (they stay in the page cache, shared by every writer): a writer's
+    memory does not grow with the catalogue's log."""
+    sequences = [SharedMap(ctx.work / name) for name in ("warm_indptr.npy", "warm_digits.npy", "warm_text.bin")]
+    indptr, digits, text = sequences[0].npy(), sequences[1].npy(), sequences[2].data
     rows = _rows(ctx.work / f"{task.split}.parquet", "n", ("n", "u", "pos", "i"), task.first, task.count, arrays=True)
-    start = indptr[rows["u"]]
-    text_begin, text_end = history_text_ranges(start + np.maximum(0, rows["pos"] - ctx.max_history), start + rows["pos"], digits)
     content = _ItemContent(ctx).members(rows["i"]) if ctx.embed_target_content else repeat({})
     writer, split = ShardWriter(ctx.staging / task.path), task.split.encode()
-    with open(ctx.work / "warm_text.bin", "rb") as f, _mapped(f) as text:  # shared pages: every writer maps the same file
-        for n, user, target, first, last, members in zip(*(a.tolist() for a in (rows["n"], rows["u"], rows["i"], text_begin, text_end)),
-                                                         content):
-            writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[first:last])} | members)
+    for first in range(0, task.count, RELEASE_EVERY):
+        part = {name: values[first : first + RELEASE_EVERY] for name, values in rows.items()}
+        start = indptr[part["u"]]
+        text_begin, text_end = history_text_ranges(start + np.maximum(0, part["pos"] - ctx.max_history), start + part["pos"], digits)
+        for n, user, target, begin, end, members in zip(*(a.tolist() for a in (part["n"], part["u"], part["i"], text_begin, text_end)),
+                                                        content):
+            writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[begin:end])} | members)
+        for mapped in sequences:
+            mapped.release()
     return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
 
 
-def _mapped(f) -> mmap.mmap | contextlib.nullcontext:
-    """A read-only map of an open file; an empty file (no warm items: every sample's history is empty) maps to b""."""
-    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else contextlib.nullcontext(b"")
+RELEASE_EVERY = 16_384  # samples between drops of a writer's mapped pages: at most ~2 pages of each file per sample
+
+
+class SharedMap:
+    """A read-only map of a file (b"" if it is empty) whose pages this process can drop (`release`): they leave its
+    RSS, not the page cache, so reading anywhere in a large file costs the process only what it read since."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+            if path.suffix == ".npy":
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                self._npy = (f.tell(), shape, dtype)
+
+    def npy(self) -> np.ndarray:
+        """The values of a one-dimensional .npy file, read through the map."""
+        offset, shape, dtype = self._npy
+        return np.frombuffer(self.data, dtype, count=shape[0], offset=offset)
+
+    def release(self) -> None:
+        if self.data:
+            self.data.madvise(mmap.MADV_DONTNEED)
 
 
 # -- where the work runs ---------------------------------------------------------------------------------------------
