@@ -558,11 +558,12 @@ def test_output_does_not_depend_on_the_number_of_writers_or_the_memory_limit(sma
     assert all_files(tmp_path / "two") == all_files(one)
 
 
-def test_writers_that_drop_their_mapped_pages_every_few_samples_write_the_same_bytes(small_world, tmp_path, monkeypatch):
-    from mmscale.build import writers
+def test_planning_and_writing_in_small_pieces_give_the_same_bytes(small_world, tmp_path, monkeypatch):
+    from mmscale.build import relational, writers
 
     raw, one, manifest, opts = small_world
     monkeypatch.setattr(writers, "RELEASE_EVERY", 3)  # histories read across many drops of the sequence files' pages
+    monkeypatch.setattr(relational, "PLAN_ROWS", 7)  # shards planned across many chunks of samples
     build_shards(raw, tmp_path / "chunked", BuildOptions(workers=1, **opts))
     assert all_files(tmp_path / "chunked") == all_files(one)
 

@@ -30,6 +30,7 @@ import numpy as np
 from .raw import BadInputError, Ledger, RawFormat
 
 CHUNK_ROWS = 1 << 22  # rows per fetch when a table is exported to numpy: bounds the memory of every export
+PLAN_ROWS = 1 << 20  # samples per chunk while planning the shards (with their header sizes: ~100 MB)
 
 
 def natural_order(column: str) -> str:
@@ -201,7 +202,8 @@ class Relations:
         self.db.execute("CREATE TABLE samples_cold AS SELECT row_number() OVER (ORDER BY u, ts, line) - 1 AS n, u, pos, i, history_bytes "
                         "FROM events WHERE cold")
         for split in ("train", "valid", "test", "cold"):
-            self.db.execute(f"COPY (SELECT n, u, pos, i FROM samples_{split} ORDER BY n) TO $1 (FORMAT parquet, ROW_GROUP_SIZE 65536)",
+            self.db.execute(f"COPY (SELECT n, u, pos, i, history_bytes FROM samples_{split} ORDER BY n) TO $1 "
+                            "(FORMAT parquet, ROW_GROUP_SIZE 65536)",
                             [str(self.work / f"{split}.parquet")])
         return cold
 
@@ -209,11 +211,11 @@ class Relations:
         return self._count(f"SELECT * FROM samples_{split}")
 
     def sample_chunks(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        """The split's samples (u, i, history_bytes) in shard order, in bounded chunks."""
-        total = self.sample_count(split)
-        for start in range(0, total, CHUNK_ROWS):
-            chunk = self.db.execute(f"SELECT u, i, history_bytes FROM samples_{split} WHERE n >= $1 AND n < $2 ORDER BY n",
-                                    [start, start + CHUNK_ROWS]).fetchnumpy()
+        """The split's samples (u, i, history_bytes) in shard order, PLAN_ROWS at a time, from its Parquet file (sorted
+        by n, so a range reads only its row groups rather than the whole table)."""
+        for start in range(0, self.sample_count(split), PLAN_ROWS):
+            chunk = self.db.execute("SELECT u, i, history_bytes FROM read_parquet($1) WHERE n >= $2 AND n < $3 ORDER BY n",
+                                    [str(self.work / f"{split}.parquet"), start, start + PLAN_ROWS]).fetchnumpy()
             yield {name: np.asarray(values, np.int64) for name, values in chunk.items()}
 
     def write_sequences(self, num_users: int) -> None:
