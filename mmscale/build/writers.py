@@ -8,11 +8,14 @@ limit. A writer then needs only its shard's rows, which it reads from the relati
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import os
 import stat
+import struct
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -218,28 +221,45 @@ def write_item_shard(task: ShardTask, ctx: WriteContext) -> dict:
 
 
 class _ItemContent:
-    """Text and image bytes of any item, read from the item shards this build wrote. Read with pread rather than
-    mapped: mapped pages would count in the writer's RSS, up to the whole catalogue."""
+    """Text and image bytes of any item, read from the item shards this build wrote with pread (mapped pages would
+    count in the writer's RSS, up to the whole catalogue); the item index is read through a map released with the
+    sequence files'."""
+
+    COLUMNS = ("shard", "text_offset", "text_size", "image_ext", "image_offset", "image_size")
 
     def __init__(self, ctx: WriteContext):
-        self.index = np.load(ctx.staging / "items" / "index.npz")
+        path = ctx.staging / "items" / "index.npz"
+        self.index = SharedMap(path)
+        self.columns = [self.index.npy(offset) for offset in (npz_offsets(path)[name] for name in self.COLUMNS)]
         self.files = [os.open(ctx.staging / path, os.O_RDONLY) for path in ctx.item_shards]
 
     def members(self, items: np.ndarray) -> Iterator[dict[str, bytes]]:
         """The content members of each of these items, in order (an item's text and image are adjacent in its shard:
         one read for both)."""
-        columns = ("shard", "text_offset", "text_size", "image_ext", "image_offset", "image_size")
-        try:
-            for shard, text, text_size, ext, image, image_size in zip(*(self.index[c][items].tolist() for c in columns)):
-                end = image + image_size if ext else text + text_size
-                data = os.pread(self.files[shard], end - text, text)
-                out = {b"txt": data[:text_size]}
-                if ext:
-                    out[_IMAGE_EXTS[ext - 1]] = data[image - text :]
-                yield out
-        finally:
-            for fd in self.files:
-                os.close(fd)
+        for shard, text, text_size, ext, image, image_size in zip(*(column[items].tolist() for column in self.columns)):
+            end = image + image_size if ext else text + text_size
+            data = os.pread(self.files[shard], end - text, text)
+            out = {b"txt": data[:text_size]}
+            if ext:
+                out[_IMAGE_EXTS[ext - 1]] = data[image - text :]
+            yield out
+
+    def close(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+
+
+def npz_offsets(path: Path) -> dict[str, int]:
+    """Where each array of an uncompressed .npz file (np.savez's) starts in it: the offset of its .npy bytes."""
+    offsets = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {info.filename} is compressed")
+            f.seek(info.header_offset + 26)  # a local file header: 30 bytes, then the name and an extra field
+            name_length, extra_length = struct.unpack("<HH", f.read(4))
+            offsets[info.filename.removesuffix(".npy")] = info.header_offset + 30 + name_length + extra_length
+    return offsets
 
 
 _SAMPLE_HEADER = b'{"history": [%s], "split": "%s", "target": %d, "user": %d}'
@@ -267,27 +287,34 @@ def header_lengths(split: str, users: np.ndarray, targets: np.ndarray, history_b
 
 def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
     """Writes one shard of a split's samples: a header with the user's history, and the target's content when the
-    samples embed it. The shard's users are anywhere in the sequence files, so these are read through maps whose
-    pages are dropped every RELEASE_EVERY samples (they stay in the page cache, shared by every writer): a writer's
-    memory does not grow with the catalogue's log."""
-    sequences = [SharedMap(ctx.work / name) for name in ("warm_indptr.npy", "warm_digits.npy", "warm_text.bin")]
-    indptr, digits, text = sequences[0].npy(), sequences[1].npy(), sequences[2].data
+    samples embed it. The shard's users and targets are anywhere in the sequence files and the item index, so these
+    are read through maps whose pages are dropped every RELEASE_EVERY samples (they stay in the page cache, shared by
+    every writer): a writer's memory grows with neither the log nor the catalogue."""
+    maps = [SharedMap(ctx.work / name) for name in ("warm_indptr.npy", "warm_digits.npy", "warm_text.bin")]
+    indptr, digits, text = maps[0].npy(), maps[1].npy(), maps[2].data
     rows = _rows(ctx.work / f"{task.split}.parquet", "n", ("n", "u", "pos", "i"), task.first, task.count, arrays=True)
-    content = _ItemContent(ctx).members(rows["i"]) if ctx.embed_target_content else repeat({})
+    content = _ItemContent(ctx) if ctx.embed_target_content else None
+    maps += [content.index] if content else []
     writer, split = ShardWriter(ctx.staging / task.path), task.split.encode()
-    for first in range(0, task.count, RELEASE_EVERY):
-        part = {name: values[first : first + RELEASE_EVERY] for name, values in rows.items()}
-        start = indptr[part["u"]]
-        text_begin, text_end = history_text_ranges(start + np.maximum(0, part["pos"] - ctx.max_history), start + part["pos"], digits)
-        for n, user, target, begin, end, members in zip(*(a.tolist() for a in (part["n"], part["u"], part["i"], text_begin, text_end)),
-                                                        content):
-            writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[begin:end])} | members)
-        for mapped in sequences:
-            mapped.release()
+    try:
+        for first in range(0, task.count, RELEASE_EVERY):
+            part = {name: values[first : first + RELEASE_EVERY] for name, values in rows.items()}
+            start = indptr[part["u"]]
+            text_begin, text_end = history_text_ranges(start + np.maximum(0, part["pos"] - ctx.max_history), start + part["pos"], digits)
+            members = content.members(part["i"]) if content else repeat({})
+            for n, user, target, begin, end, target_content in zip(*(a.tolist() for a in (part["n"], part["u"], part["i"], text_begin,
+                                                                                              text_end)), members):
+                writer.write(b"%s%010d" % (split, n), {b"json": sample_header(user, target, split, text[begin:end])} | target_content)
+            for mapped in maps:
+                mapped.release()
+    finally:
+        if content:
+            content.close()
     return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
 
 
 RELEASE_EVERY = 16_384  # samples between drops of a writer's mapped pages: at most ~2 pages of each file per sample
+NPY_HEADER_MAX = 4096  # the .npy headers the build writes (one-dimensional arrays) are far shorter
 
 
 class SharedMap:
@@ -297,16 +324,15 @@ class SharedMap:
     def __init__(self, path: Path):
         with open(path, "rb") as f:
             self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-            if path.suffix == ".npy":
-                version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read_header(f)
-                self._npy = (f.tell(), shape, dtype)
 
-    def npy(self) -> np.ndarray:
-        """The values of a one-dimensional .npy file, read through the map."""
-        offset, shape, dtype = self._npy
-        return np.frombuffer(self.data, dtype, count=shape[0], offset=offset)
+    def npy(self, offset: int = 0) -> np.ndarray:
+        """The values of the one-dimensional .npy array at `offset` of the file (a .npy file, or a member of an
+        uncompressed .npz), read through the map."""
+        header = io.BytesIO(self.data[offset : offset + NPY_HEADER_MAX])
+        version = np.lib.format.read_magic(header)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(header)
+        return np.frombuffer(self.data, dtype, count=shape[0], offset=offset + header.tell())
 
     def release(self) -> None:
         if self.data:
