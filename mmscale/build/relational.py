@@ -174,11 +174,13 @@ class Relations:
         splits every user's sequence: leave-one-out by time over the warm items (ties by file line), each
         cold-item interaction a cold sample, each sample with the JSON length of its history (its last
         `max_history` warm items, ", "-joined). Returns the cold items."""
-        interacted = self.db.execute("SELECT DISTINCT i FROM kept JOIN item_map ON kept.item = item_map.id ORDER BY i").fetchnumpy()["i"]
-        # sampling positions draws what sampling the list would, without a Python int per item
-        drawn = random.Random(seed).sample(range(len(interacted)), int(round(cold_fraction * len(interacted))))
-        cold = sorted(interacted[drawn].tolist())
-        self.db.execute("CREATE TABLE cold AS SELECT unnest($1::BIGINT[]) AS i", [cold])
+        interacted = "SELECT DISTINCT i FROM kept JOIN item_map ON kept.item = item_map.id"
+        count = self._count(interacted)
+        # sampling positions in the sorted list draws what sampling the list would, without the list in memory
+        drawn = random.Random(seed).sample(range(count), int(round(cold_fraction * count)))
+        self.db.execute(f"CREATE TABLE cold AS SELECT i FROM (SELECT i, row_number() OVER (ORDER BY i) - 1 AS p FROM ({interacted})) "
+                        "SEMI JOIN (SELECT unnest($1::BIGINT[]) AS p) USING (p) ORDER BY i", [drawn])
+        cold = self.db.execute("SELECT i FROM cold ORDER BY i").fetchnumpy()["i"].tolist()
         # pos: how many warm items the user had before this interaction (a warm item's own index among them);
         # history_bytes: the JSON length of the warm items at positions pos - max_history .. pos - 1 (cold rows in
         # that range add nothing), so planning needs no per-interaction array in memory
