@@ -117,6 +117,17 @@ def test_meta_device_counts_equal_a_real_cpu_run():
     assert bf16.saved_bytes_per_sample == pytest.approx(profile.saved_bytes_per_sample / 2, rel=0.15)
 
 
+def test_the_pretrained_dual_encoder_is_counted_as_a_real_cpu_run_counts_it():
+    """MiniLM's attention mask reads its values (a failure on the meta device before): counted on fake inputs, the
+    FLOPs per item are a real forward and backward's."""
+    config = load_config("configs/ml100k-two-tower-minilm-effnet.yaml", ["encoder.pretrained=null", "data.shards=unused"])
+    profile = profile_model(config, num_users=50, num_items=70, precision="fp32")
+    real = RecommendationTask(config, ShardSet.planned(50, 70)).train()
+    with sdpa_kernel(SDPBackend.MATH):
+        (flops_1, _), (flops_2, _) = _real_counts(real, 1), _real_counts(real, 2)
+    assert profile.flops_per_sample == flops_2 - flops_1 > 1e9
+
+
 def test_the_planner_prints_every_gpu_count():
     out = subprocess.run([sys.executable, str(REPO / "tools/plan_scale.py"), "--model", TINY_CLIP, "--gpus", "8,16",
                           "--items", "1000", "--users", "1000"], capture_output=True, text=True, timeout=300,

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config
@@ -169,14 +170,17 @@ def _storage_bytes(tensors: list[torch.Tensor], exclude: set[int]) -> tuple[int,
 def _encoder_step(encoder, batch: int, exclude: set[int]) -> tuple[float, int, int]:
     """FLOPs of one forward and backward, and the bytes (all, attention) saved for backward, at `batch`."""
     spec = encoder.preprocess()
-    images = torch.empty(batch, 3, spec.image_size, spec.image_size, device="meta", dtype=next(encoder.parameters()).dtype)
-    tokens = spec.tokenize(["an item"] * batch).to("meta")
     saved: list[torch.Tensor] = []
-    with FlopCounterMode(display=False) as flops:
-        with _saved_tensors(saved):
-            image, text = encoder(images, tokens)
-        (image.float().sum() + text.float().sum()).backward()
-    return flops.get_total_flops(), *_storage_bytes(saved, exclude)
+    # fake inputs (meta underneath): code that reads a value, as transformers' attention masks do, sees a tracer
+    # and takes its data-independent path instead of failing on the meta device
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        images = torch.empty(batch, 3, spec.image_size, spec.image_size, device="meta", dtype=next(encoder.parameters()).dtype)
+        tokens = fake.from_tensor(spec.tokenize(["an item"] * batch).to("meta"))
+        with FlopCounterMode(display=False) as flops:
+            with _saved_tensors(saved):
+                image, text = encoder(images, tokens)
+            (image.float().sum() + text.float().sum()).backward()
+        return flops.get_total_flops(), *_storage_bytes(saved, exclude)
 
 
 def profile_model(config: Config, num_users: int, num_items: int, precision: str, name: str | None = None) -> ModelProfile:

@@ -163,8 +163,11 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(f"encoder.pretrained: {pretrained} does not exist (weights load from local files only)")
         # pretrained=None: nothing is fetched; a local file is loaded by open_clip's own loader. The default
-        # device, not open_clip's "cpu", so that a `with torch.device("meta")` build stays there (scale planning).
-        self.clip = open_clip.create_model(self.architecture.name, pretrained=pretrained, device=torch.get_default_device())
+        # device, not open_clip's "cpu", so that a `with torch.device("meta")` build stays there (scale planning),
+        # where a Hugging Face tower is built from its config (from_pretrained refuses the meta device).
+        on_meta = torch.get_default_device().type == "meta"
+        self.clip = open_clip.create_model(self.architecture.name, pretrained=pretrained, device=torch.get_default_device(),
+                                           pretrained_hf=not on_meta)
         if self.architecture.image_weights and pretrained is None:
             trunk = self.clip.visual.trunk
             weights = {k: v for k, v in effnet_timm_state_dict().items() if k in trunk.state_dict()}
