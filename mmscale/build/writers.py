@@ -313,7 +313,7 @@ def write_sample_shard(task: ShardTask, ctx: WriteContext) -> dict:
     return {"path": task.path, "samples": writer.samples, "bytes": writer.close(task)}
 
 
-RELEASE_EVERY = 16_384  # samples between drops of a writer's mapped pages: at most ~2 pages of each file per sample
+RELEASE_EVERY = 2_048  # samples between drops of a writer's mapped pages (each sample reads ~2 pages of each file)
 NPY_HEADER_MAX = 4096  # the .npy headers the build writes (one-dimensional arrays) are far shorter
 
 
