@@ -193,20 +193,22 @@ class Relations:
             "JOIN item_map ON kept.item = item_map.id LEFT JOIN cold ON cold.i = item_map.i))")
         self.db.execute("CREATE TABLE warm AS SELECT u, pos, i, history_bytes FROM events WHERE NOT cold ORDER BY u, pos")
         self.db.execute("CREATE TABLE warm_count AS SELECT u, count(*) FILTER (WHERE NOT cold) AS n FROM events GROUP BY u ORDER BY u")
-        # the train order: by MD5 of "seed:user:position", which any other tool (or DuckDB version) computes alike
-        self.db.execute("CREATE TABLE samples_train AS SELECT row_number() OVER (ORDER BY md5_number(concat($1, ':', u, ':', pos)), u, pos) "
-                        "- 1 AS n, u, pos, i, history_bytes "
-                        "FROM warm JOIN warm_count USING (u) WHERE pos >= 1 AND pos <= n - 3", [seed])
-        self.db.execute("CREATE TABLE samples_valid AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i, history_bytes "
-                        "FROM warm JOIN warm_count USING (u) WHERE pos = n - 2")
-        self.db.execute("CREATE TABLE samples_test AS SELECT row_number() OVER (ORDER BY u) - 1 AS n, u, pos, i, history_bytes "
-                        "FROM warm JOIN warm_count USING (u) WHERE pos = n - 1")
-        self.db.execute("CREATE TABLE samples_cold AS SELECT row_number() OVER (ORDER BY u, ts, line) - 1 AS n, u, pos, i, history_bytes "
-                        "FROM events WHERE cold")
-        for split in ("train", "valid", "test", "cold"):
-            self.db.execute(f"COPY (SELECT n, u, pos, i, history_bytes FROM samples_{split} ORDER BY n) TO $1 "
-                            "(FORMAT parquet, ROW_GROUP_SIZE 65536)",
-                            [str(self.work / f"{split}.parquet")])
+        # Each split's table is created in its sample order and numbered as written: a numbering window over the
+        # whole split (row_number() OVER (ORDER BY ...)) took 2.5x as long and more memory than this sort at 100M
+        # interactions. The train order: by MD5 of "seed:user:position", which any other tool (or DuckDB version)
+        # computes alike; the others by user (cold: then time and file line).
+        sample_tables = {
+            "train": ("warm JOIN warm_count USING (u) WHERE pos >= 1 AND pos <= n - 3", "md5_number(concat($1, ':', u, ':', pos)), u, pos"),
+            "valid": ("warm JOIN warm_count USING (u) WHERE pos = n - 2", "u"),
+            "test": ("warm JOIN warm_count USING (u) WHERE pos = n - 1", "u"),
+            "cold": ("events WHERE cold", "u, ts, line"),
+        }
+        for split, (source, order) in sample_tables.items():
+            self.db.execute(f"CREATE TABLE samples_{split} AS SELECT u, pos, i, history_bytes FROM {source} ORDER BY {order}",
+                            [seed] if "$1" in order else [])
+            # a table scan and an empty OVER () keep the insertion order (DuckDB's documented order preservation)
+            self.db.execute(f"COPY (SELECT row_number() OVER () - 1 AS n, u, pos, i, history_bytes FROM samples_{split}) TO $1 "
+                            "(FORMAT parquet, ROW_GROUP_SIZE 65536)", [str(self.work / f"{split}.parquet")])
         return cold
 
     def sample_count(self, split: str) -> int:
