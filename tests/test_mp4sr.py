@@ -1,8 +1,9 @@
-"""MP4SR pieces against direct reference computations on tiny tensors."""
+"""MP4SR pieces against direct reference computations on tiny tensors, and loading an earlier run into the task."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from mmscale.objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
 from mmscale.objectives.common import hashed_uniform
 
 PAD = -1
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mixup_is_complementary_and_leaves_padding_alone():
@@ -197,3 +199,33 @@ def test_hashed_draws_depend_only_on_the_keys():
     assert torch.equal(first, again[[1, 0]])  # row order (which rank holds it) does not matter
     assert ((first >= 0) & (first < 1)).all() and first.std() > 0.1
     assert not torch.equal(first, hashed_uniform(users, targets, torch.tensor(8), torch.arange(6).unsqueeze(0)))
+
+
+def test_sequence_pretrained_continues_a_trained_model_ids_included_and_names_a_misfit(world_shards, tmp_path):
+    """A finetune run's export carries on in joint mode with everything it learnt, item id vectors included (a
+    pre-training export has none: ids start fresh); a file of another catalogue is refused, naming the key."""
+    from safetensors.torch import save_file
+
+    from mmscale.config import ConfigError, load_config
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.tasks import build_task
+
+    common = ["task=sequential", "sequence.features=encoder", f"encoder.model={REPO / 'configs/models/clip-tiny.json'}",
+              f"data.shards={world_shards}"]
+    shards = ShardSet.open(world_shards)
+    torch.manual_seed(0)
+    trained = build_task(load_config(None, [*common, "sequence.mode=finetune"]), shards)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param))
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    save_file(state, tmp_path / "finetuned.safetensors")
+    torch.manual_seed(1)
+    joint = build_task(load_config(None, [*common, "sequence.mode=joint", f"sequence.pretrained={tmp_path / 'finetuned.safetensors'}"]), shards)
+    for name, value in joint.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
+
+    state["item_id.weight"] = torch.cat([state["item_id.weight"], state["item_id.weight"][:1]])
+    save_file(state, tmp_path / "other-catalogue.safetensors")
+    with pytest.raises(ConfigError, match=r"sequence.pretrained: .*other-catalogue.* item_id.weight is \(81, 64\) there, \(80, 64\) here"):
+        build_task(load_config(None, [*common, "sequence.mode=joint", f"sequence.pretrained={tmp_path / 'other-catalogue.safetensors'}"]), shards)

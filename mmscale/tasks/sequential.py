@@ -135,16 +135,19 @@ class MP4SRTask(NextItemTask):
         return dims[0], dims[1]
 
     def _load_pretrained(self, path: str) -> None:
-        """Everything a pre-training run learnt (adaptors, pooling, sequence encoder); ids start fresh."""
+        """What an earlier run learnt: a pre-training run's adaptors, pooling and sequence encoder (ids then start
+        fresh), or a trained model's, its item id vectors included (joint mode continuing from a finetune run)."""
         from safetensors.torch import load_file
 
         if not Path(path).is_file():
             raise ConfigError(f"sequence.pretrained: {path} does not exist (consolidate the pretrain run first)")
-        state = {k: v for k, v in load_file(path).items() if not k.startswith("item_id.")}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("item_id.")]
-        if missing or unexpected:
-            raise ConfigError(f"sequence.pretrained: {path} does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        state = {k: v for k, v in load_file(path).items() if self.item_id is not None or not k.startswith("item_id.")}
+        shapes = {k: v.shape for k, v in self.state_dict().items()}
+        wrong = [f"{k} is {tuple(v.shape)} there, {tuple(shapes[k])} here" for k, v in state.items() if k in shapes and v.shape != shapes[k]]
+        missing, unexpected = self.load_state_dict(state, strict=False) if not wrong else ([], [])
+        problems = [*wrong[:5], *(f"{k} missing" for k in missing if not k.startswith("item_id."))][:5] + [f"{k} unexpected" for k in unexpected[:5]]
+        if problems:
+            raise ConfigError(f"sequence.pretrained: {path} does not fit this model: {'; '.join(problems)}")
 
     # -- the catalogue's content ----------------------------------------------------------------------------
     @property
