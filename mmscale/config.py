@@ -90,7 +90,13 @@ class SequenceConfig:
     mixup_max: float = 0.5  # each sequence's mixup ratio is drawn from U(0, mixup_max)
     drop_max: float = 0.2  # each sequence's item-drop ratio is drawn from U(0, drop_max)
     pretrained: str | None = None  # finetune: model.safetensors of a consolidated pretrain run
-    cache_refresh_steps: int = 50  # joint: the item table's cached content is at most this many steps old
+    # joint: the item table the next-item and MP4SR losses score against.
+    #   cached      every item's content from a cache refreshed every cache_refresh_steps; only the batch's items
+    #               carry the encoder's gradient, so the loss's push away from the other items never reaches it
+    #   every_step  every item through the encoder's trained blocks each step, with gradient (the loss's exact
+    #               gradient; the catalogue split across ranks); needs encoder.cache_frozen_blocks
+    item_table: str = "cached"
+    cache_refresh_steps: int = 50  # joint, cached table: the cached content is at most this many steps old
 
 
 @dataclass
@@ -367,6 +373,7 @@ def validate(config: Config) -> None:
         "sequence.model": (config.sequence.model, ("sasrec", "mp4sr")),
         "sequence.mode": (config.sequence.mode, ("pretrain", "finetune", "joint")),
         "sequence.features": (config.sequence.features, ("encoder", "files")),
+        "sequence.item_table": (config.sequence.item_table, ("cached", "every_step")),
         "encoder.paradigm": (config.encoder.paradigm, (None, "end_to_end", "frozen", "fine_tuned")),
         "recommender.history_pooling": (config.recommender.history_pooling, ("mean", "none")),
         "objectives.rec_loss": (config.objectives.rec_loss, ("softmax", "bpr")),
@@ -453,6 +460,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"encoder.{key}: needs an encoder with the 'open_clip_towers' capability "
                               f"({_able('open_clip_towers')}), not encoder.kind={config.encoder.kind!r}")
     _validate_frozen_block_cache(config)
+    _validate_item_table(config)
     _validate_best_metric(config)
     _validate_report_to(config)
     if config.encoder.item_representation == "fusion" and not encoder_can(config.encoder.kind, "fusion"):
@@ -488,6 +496,18 @@ def _validate_frozen_block_cache(config: Config) -> None:
     if encoder.paradigm == "frozen":
         raise ConfigError(f"{key}: the encoder is frozen here (encoder.paradigm=frozen, or a sequential mode that reads a "
                           f"frozen encoder's cached features): every item's whole encoding is cached already")
+
+
+def _validate_item_table(config: Config) -> None:
+    seq, key = config.sequence, "sequence.item_table"
+    if seq.item_table != "every_step":
+        return
+    if config.task != "sequential" or seq.model != "mp4sr" or seq.mode != "joint":
+        raise ConfigError(f"{key}: every_step is joint mode's item table (task=sequential, sequence.model=mp4sr, "
+                          f"sequence.mode=joint); nothing else trains the encoder through an item table")
+    if not config.encoder.cache_frozen_blocks:
+        raise ConfigError(f"{key}: every_step runs the encoder's trained blocks over every item each step, from their "
+                          f"cached inputs: it needs encoder.cache_frozen_blocks=true (and encoder.trainable_blocks)")
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -175,6 +175,9 @@ def test_an_unset_paradigm_is_the_tasks_own(overrides, paradigm):
     (["task=sequential", "sequence.model=sasrec", "encoder.paradigm=fine_tuned"], "encoder.paradigm: 'fine_tuned'"),
     (["task=sequential", "sequence.mode=joint", "sequence.features=files"], "sequence.features"),
     (["sequence.cache_refresh_steps=0"], "sequence.cache_refresh_steps"),
+    (["sequence.item_table=fresh"], "sequence.item_table: 'fresh' is not one of"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=finetune", "sequence.item_table=every_step"], "sequence.item_table: every_step is joint mode's"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=joint", "sequence.item_table=every_step"], "needs encoder.cache_frozen_blocks=true"),
     (["encoder.paradigm=fine_tuned", "objectives.weights={rec: 1.0, itc: 0.0}"], "vision-language losses"),
 ])
 def test_a_paradigm_the_task_contradicts_names_the_key(overrides, message):

@@ -15,12 +15,13 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
     content_parameters() -> [parameter]               what encoding the catalogue reads (ZeRO-3 gathers them)
     encode_content(images, text_tokens) -> (image, text)
     caches_frozen_blocks: bool                        encoder.cache_frozen_blocks: the engine encodes the catalogue's
-    set_frozen_block_cache(states, has_image, store)  frozen blocks once and hands them over; batches then need no content
+    set_frozen_block_cache(states, has_image, store,  frozen blocks once and hands them over; batches then need no content;
+                           share)                     `share`: this rank's slice of the items, for work over every item
     cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
     ranking(content or None) -> Ranking               item table and user vectors for full ranking
 
-Nothing in a task knows how many ranks there are; every random draw of an objective is hashed from the sample
+A task knows nothing of the ranks but its share of the items; every random draw of an objective is hashed from the sample
 and `draws`, the forward count, so a sample gets the same draws on whichever rank it lands.
 """
 
@@ -75,6 +76,7 @@ class Task(nn.Module, ABC):
         self.frozen_block_states: tuple[torch.Tensor, ...] | None = None
         self.frozen_block_has_image: torch.Tensor | None = None
         self.frozen_block_store: tuple | None = None
+        self.frozen_block_share = slice(None)  # this rank's contiguous slice of the items (all of them on one process)
 
     @abstractmethod
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
@@ -131,8 +133,10 @@ class Task(nn.Module, ABC):
     def caches_frozen_blocks(self) -> bool:
         return self.config.encoder.cache_frozen_blocks
 
-    def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple) -> None:
+    def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
+                               share: slice = slice(None)) -> None:
         self.frozen_block_states, self.frozen_block_has_image, self.frozen_block_store = states, has_image, store_identity
+        self.frozen_block_share = share
 
     def cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, has_image) of these items from their cached frozen-block outputs."""

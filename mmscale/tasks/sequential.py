@@ -6,10 +6,11 @@ MP4SR modes:
   joint     both, with the item encoder trained end-to-end (features = encoder only)
 
 Item features come from the item encoder (CLIP's image and text embeddings: one vector per
-modality, cached when the encoder is frozen; in joint mode every item's value comes from a cache
-refreshed every `sequence.cache_refresh_steps`, and the global batch's items, every rank's, are
-encoded fresh and pass their gradient through it) or from feature files written by
-tools/extract_features.py (sets of vectors, pooled by a trained attention layer).
+modality, cached when the encoder is frozen) or from feature files written by
+tools/extract_features.py (sets of vectors, pooled by a trained attention layer). Joint mode's item
+table (`sequence.item_table`) is either every item encoded each step with gradient (every_step: each
+rank runs the trained blocks over its share of the catalogue) or a cache refreshed every
+`sequence.cache_refresh_steps` through which only the global batch's items pass their gradient (cached).
 
 The adaptors run once per item of the catalogue each step, never per sequence position.
 Random draws (mixup, item drop) are hashed from (user, target, forward count), so a sample gets
@@ -35,6 +36,12 @@ from ..objectives.contrastive import image_text_contrastive_loss
 from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
 from .base import Gather, Ranking, Task
 from .vision_language import fusion_losses
+
+
+# Items per pass of the trained blocks when every item is encoded: glibc maps each allocation over 32 MiB afresh (and
+# the kernel zeroes its pages) every step; chunks keep the activations under that. 1,682 items, top 2 blocks of MiniLM
+# and EfficientNet-Lite0 at 128 px and 32 tokens, forward and backward on 2 threads: 12.7 s in one pass, 8.5 s in 128s.
+EVERY_ITEM_CHUNK = 128
 
 
 class NextItemTask(Task):
@@ -104,6 +111,7 @@ class MP4SRTask(NextItemTask):
         seq = config.sequence
         super().__init__(config, shards, self.MODE_LOSSES[seq.mode], seq.mode)
         self.trains_encoder = seq.mode == "joint"  # else the encoder, if any, is frozen and cached (validated)
+        self.encodes_every_item = self.trains_encoder and seq.item_table == "every_step"
         self.from_encoder = seq.features == "encoder"
         self.encoder = build_encoder(config.encoder) if self.from_encoder else None
         if self.encoder is not None:
@@ -161,6 +169,8 @@ class MP4SRTask(NextItemTask):
     def content_cache_due(self, step: int, resumed: bool = False) -> bool:
         if not self.from_encoder:
             return False
+        if self.encodes_every_item:  # nothing is cached: every step encodes every item
+            return False
         if self.trains_encoder:  # refresh: the cache is never more than cache_refresh_steps old
             return resumed or step % self.config.sequence.cache_refresh_steps == 0
         return step == 0 or resumed
@@ -182,11 +192,21 @@ class MP4SRTask(NextItemTask):
         d = self.encoder.embed_dim
         return content[:, :d], content[:, d:]
 
+    def _every_item(self, gather: Gather) -> torch.Tensor:
+        """Every item's content [N, 2E] through the encoder's trained blocks, with gradient: each rank encodes its
+        contiguous share of the items and the all-gather (with gradient) lays the shares end to end, so the loss's
+        gradient reaches the encoder through every item, a negative as much as a target."""
+        ids = torch.arange(len(self.frozen_block_has_image), device=self.frozen_block_has_image.device)[self.frozen_block_share]
+        parts = [self._content_features(*self.cached_content(chunk)) for chunk in ids.split(EVERY_ITEM_CHUNK)]
+        return gather(torch.cat(parts), uneven=True)
+
     def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather: Gather) -> torch.Tensor:
         """The cache, its rows of the global batch's items carrying their fresh encodings' gradient [N, 2E].
 
         Every row keeps the cache's value; a batch item's row is `cached + fresh - fresh.detach()`
-        (straight-through), so the encoder gets the gradient of the table at the cached point. Given their fresh
+        (straight-through), so the encoder gets the gradient of the table's batch rows at the cached point, and none
+        through the other rows: the loss's push away from negatives outside the batch never reaches it (at a refresh,
+        the encoder gradient's cosine with the loss's is 0.16 in tests/test_exactness.py). Given their fresh
         values instead, the batch's items (each one some sequence's target) would differ from every other item
         by how far the encoder moved since the refresh, and the model learns to pick the fresh rows: with tiny
         CLIP on ml100k-mm, 9 steps after a refresh they scored 4-6 logits above the same items' cached rows
@@ -213,7 +233,12 @@ class MP4SRTask(NextItemTask):
         tau = self.config.sequence.temperature
         losses = {}
         content = self.content_cache
-        if self.trains_encoder:  # the encoder runs once: its outputs feed the item table and the vision-language losses
+        if self.encodes_every_item:  # the encoder runs once: its outputs feed the item table and the vision-language losses
+            content = self._every_item(gather)
+            d = self.encoder.embed_dim
+            text_emb, image_emb = content[batch.item_ids, :d], content[batch.item_ids, d:]  # image: zeros where none
+            has_image = self.frozen_block_has_image[batch.item_ids]
+        elif self.trains_encoder:
             image_emb, text_emb, has_image = self.batch_content(batch)
             content = self._with_fresh(self._content_features(image_emb, text_emb, has_image), batch, gather)
         text, image = self._raw_features(content)
