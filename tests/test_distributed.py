@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.dual_encoder import needs_dual_encoder
 from helpers.parity import assert_parity
 from helpers.train_worker import CASES
 
@@ -144,3 +145,67 @@ def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_pat
         assert grads["a"].tolist() == [[16.5, 16.5]]
         assert grads["b"].tolist() == [[11.5, 11.5]]
         assert grads["b_unused_everywhere"].item() == 1.0
+
+
+def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: Path) -> None:
+    """MP4SR joint with `sequence.item_table=every_step` on the batch production gives this rank (one process: the
+    union of two ranks' batches): the losses, and every gradient averaged over the ranks as the engine does."""
+    from mmscale.config import load_config
+    from mmscale.data.item_store import ItemStore
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.data.stream import InteractionStream
+    from mmscale.engine.distributed import all_reduce_sum, gather
+    from mmscale.eval.evaluate import Collectives, encode_catalogue
+    from mmscale.models import build_preprocess
+    from mmscale.tasks import build_task
+
+    config = load_config(None, [
+        f"data.shards={world_shards}", "task=sequential", "sequence.mode=joint", "sequence.item_table=every_step",
+        "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0", "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}",
+        f"encoder.model={REPO / 'configs/models/minilm-effnet.json'}", "encoder.image_size=64", "encoder.context_length=16",
+        "encoder.trainable_blocks=1", "encoder.cache_frozen_blocks=true", "data.history_content=false"])
+    torch.manual_seed(0)
+    task = build_task(config, ShardSet.open(world_shards)).eval()  # eval: the trained text layer's dropout draws differ by rank
+    coll = Collectives(rank, world_size, gather, all_reduce_sum)
+    store, preprocess = ItemStore(world_shards), build_preprocess(config.encoder)
+    *states, has_image = encode_catalogue(task, store, preprocess, coll, "cpu", 64, 0, encode=task.encoder.frozen_blocks)
+    task.set_frozen_block_cache(tuple(states), has_image, store.identity, coll.contiguous_share(len(has_image)))
+    per_rank = [InteractionStream(world_shards, "train", 8, preprocess, rank=r, world_size=2, resampled=True, shuffle_buffer=0,
+                                  history_content=False, content=False) for r in range(2)]
+    raw = [next(stream.raw_batches()) for stream in per_rank]
+    batch = per_rank[rank].decode(raw[rank]) if world_size == 2 else per_rank[0].decode(raw[0] + raw[1])
+    losses = task(batch, gather)
+    sum(config.objectives.weights[name] * loss for name, loss in losses.items()).backward()
+    result = {f"loss/{name}": loss.detach() for name, loss in losses.items()}
+    for name, p in task.named_parameters():
+        if p.grad is not None:
+            result[name] = all_reduce_sum(p.grad) / world_size
+    torch.save(result, out / f"every-item-{world_size}-rank{rank}.pt")
+
+
+def _every_item_rank(rank: int, port: int, world_shards: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    _every_item_gradients(world_shards, rank, 2, out)
+    dist.destroy_process_group()
+
+
+@needs_dual_encoder
+def test_every_item_table_on_two_ranks_equals_one_process(world_shards, tmp_path):
+    """Joint mode's every_step table on two ranks, each fed its own rows and encoding its half of the catalogue: the
+    losses and every parameter's gradient (the encoder's through every item of the table) are one process's."""
+    import torch.multiprocessing as mp
+
+    from mmscale.engine.distributed import free_port
+
+    mp.spawn(_every_item_rank, args=(free_port(), world_shards, tmp_path), nprocs=2)
+    _every_item_gradients(world_shards, 0, 1, tmp_path)
+    reference = torch.load(tmp_path / "every-item-1-rank0.pt")
+    assert sum(name.startswith("encoder.") for name in reference) > 4
+    for rank in (0, 1):
+        ranked = torch.load(tmp_path / f"every-item-2-rank{rank}.pt")
+        assert sorted(ranked) == sorted(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(ranked[name], value, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")

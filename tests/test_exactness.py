@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.dual_encoder import needs_dual_encoder
 from PIL import Image
 from torch import nn
 
@@ -248,15 +249,7 @@ def test_fine_tuned_stops_needing_content_at_the_freeze(world_shards):
 
 
 # -- joint mode's item table ---------------------------------------------------------------------------------
-def _dual_encoder_installed() -> bool:
-    import importlib.util
-
-    from mmscale.models import pretrained as P
-
-    return all(importlib.util.find_spec(m) for m in (P.MINILM_MODULE, P.EFFNET_WEIGHTS_MODULE, P.EFFNET_CODE_MODULE))
-
-
-@pytest.mark.skipif(not _dual_encoder_installed(), reason="needs the MiniLM and EfficientNet packages (make setup installs them)")
+@needs_dual_encoder
 def test_joint_every_step_table_gives_the_encoder_the_gradient_of_its_loss(world_shards):
     """Joint mode's next-item loss is a function of the encoder through every item's row of the table, negatives
     included. With `sequence.item_table=every_step` the backward's encoder gradient is that function's: its

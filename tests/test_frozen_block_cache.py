@@ -4,22 +4,19 @@ uncached encoder, with batches that carry no images or text."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.dual_encoder import needs_dual_encoder
 from helpers.train_worker import case_config, record_gradients
 
 from mmscale.config import ConfigError, load_config
-from mmscale.models import pretrained as P
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = str(REPO / "configs" / "models" / "minilm-effnet.json")
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in (P.MINILM_MODULE, P.EFFNET_WEIGHTS_MODULE, P.EFFNET_CODE_MODULE)),
-    reason=f"needs {P.MINILM_PACKAGE} and {P.EFFNET_WEIGHTS_PACKAGE} (make setup installs them)")
+pytestmark = needs_dual_encoder
 
 DUAL_ENCODER = [f"encoder.model={ARCH}", "encoder.image_size=64", "encoder.context_length=16", "encoder.trainable_blocks=1",
                 "data.history_content=false"]

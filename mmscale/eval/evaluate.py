@@ -34,6 +34,11 @@ class Collectives:
     gather: Callable[..., torch.Tensor]  # all-gather along dim 0 (uneven=True: ranks may hold different numbers of rows)
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
 
+    def contiguous_share(self, n: int) -> slice:
+        """This rank's contiguous part of range(n), in rank order (an uneven all-gather of the parts is range(n))."""
+        per_rank = -(-n // self.world_size)
+        return slice(min(n, self.rank * per_rank), min(n, (self.rank + 1) * per_rank))
+
 
 def _identity(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
     return x
