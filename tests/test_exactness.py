@@ -280,6 +280,7 @@ def test_joint_every_step_table_gives_the_encoder_the_gradient_of_its_loss(world
         task.set_content_cache(*encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0))
         return task(batch, one_process)["rec"]
 
+    assert tasks["every_step"].items_encoded(batch) == len(store) > tasks["cached"].items_encoded(batch) == len(batch.item_ids)
     loss = tasks["every_step"](batch, one_process)["rec"]
     loss.backward()
     gradient = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten() for _, p in trained])

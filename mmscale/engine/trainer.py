@@ -324,7 +324,7 @@ class Trainer:
             except StopIteration:
                 break
             data_wait += time.perf_counter() - wait_start
-            items_encoded += len(batch.item_ids)
+            items_encoded += self.task.items_encoded(batch)
             corrupt += int(batch.corrupt_samples)  # a CPU tensor from the loader: no device sync
             if self.reduces_in_backward:  # accumulated micro-batches: their sum is averaged once, at the boundary
                 self.task.set_requires_gradient_sync(self.engine.is_gradient_accumulation_boundary())

@@ -19,6 +19,7 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
                            share)                     `share`: this rank's slice of the items, for work over every item
     cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
+    items_encoded(batch) -> int                       items a training step runs through the encoder on this rank
     ranking(content or None) -> Ranking               item table and user vectors for full ranking
 
 A task knows nothing of the ranks but its share of the items; every random draw of an objective is hashed from the sample
@@ -142,6 +143,9 @@ class Task(nn.Module, ABC):
         """(image, text, has_image) of these items from their cached frozen-block outputs."""
         image, text = self.encoder.from_frozen_blocks(*(state[item_ids] for state in self.frozen_block_states))
         return image, text, self.frozen_block_has_image[item_ids]
+
+    def items_encoded(self, batch: Batch) -> int:
+        return len(batch.item_ids)
 
     def batch_content(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, has_image) of the batch's items (batch.item_ids) through the encoder, with gradient."""

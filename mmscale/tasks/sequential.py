@@ -38,9 +38,10 @@ from .base import Gather, Ranking, Task
 from .vision_language import fusion_losses
 
 
-# Items per pass of the trained blocks when every item is encoded: glibc maps each allocation over 32 MiB afresh (and
-# the kernel zeroes its pages) every step; chunks keep the activations under that. 1,682 items, top 2 blocks of MiniLM
-# and EfficientNet-Lite0 at 128 px and 32 tokens, forward and backward on 2 threads: 12.7 s in one pass, 8.5 s in 128s.
+# Items per pass of the trained blocks when every item is encoded: glibc maps each allocation over 32 MiB afresh every
+# step (its pages faulted in again); chunks keep the activations under that. 1,682 items, top 2 blocks of MiniLM and
+# EfficientNet-Lite0 at 128 px and 32 tokens, forward and backward on 2 threads: 12.7 s in one pass (5.2M minor
+# faults), 8.5 s in passes of 128 (0.46M).
 EVERY_ITEM_CHUNK = 128
 
 
@@ -199,6 +200,11 @@ class MP4SRTask(NextItemTask):
         ids = torch.arange(len(self.frozen_block_has_image), device=self.frozen_block_has_image.device)[self.frozen_block_share]
         parts = [self._content_features(*self.cached_content(chunk)) for chunk in ids.split(EVERY_ITEM_CHUNK)]
         return gather(torch.cat(parts), uneven=True)
+
+    def items_encoded(self, batch: Batch) -> int:
+        if self.encodes_every_item:
+            return len(range(len(self.frozen_block_has_image))[self.frozen_block_share])
+        return len(batch.item_ids)
 
     def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather: Gather) -> torch.Tensor:
         """The cache, its rows of the global batch's items carrying their fresh encodings' gradient [N, 2E].
