@@ -8,16 +8,21 @@ import copy
 import csv
 import io
 import json
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# As launch/train.py does, before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Beside a training
+# run on 2 cores, tests/test_exactness.py's float64 gradient check (many small ops) took 155 s spinning and 9 s so.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mmscale.data.preprocess import ItemPreprocess
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mmscale.data.preprocess import ItemPreprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The shared data lives beside the checkout (../shared), so CI clones find it too.
