@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .format import IMAGE_KEYS, ShardFormatError
 from .shard_set import ShardSet
 from .preprocess import ItemPreprocess
+from .workers import release_free_heap
 
 PAD = -1  # history padding and "no slot"
 # Resampled reading draws shards with replacement: with a single readable shard among N, the chance that none of
@@ -304,6 +305,8 @@ def make_loader(stream: InteractionStream, num_workers: int, pin_memory: bool = 
 
     Its worker seeds come from a generator of its own: drawn from the global one (torch's default), each new
     loader would shift the dropout draws, and a resumed run would no longer equal an uninterrupted one."""
+    if num_workers:
+        release_free_heap()
     return DataLoader(
         stream,
         batch_size=None,
