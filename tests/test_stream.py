@@ -369,12 +369,13 @@ def test_a_loader_forks_its_workers_without_the_free_heap(world_shards, tiny_pre
     from mmscale.data.stream import InteractionStream, make_loader
 
     rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
-    blocks = [torch.ones(256 * 1024) for _ in range(400)]  # 400 MiB in 1 MiB blocks, from the heap
-    pin = torch.ones(16)  # allocated above them: free() alone keeps their pages (no trim from the heap's top)
+    torch.ones(512 * 1024)  # a freed 2 MiB mapping raises glibc's mmap threshold above 1 MiB: the blocks below use the heap
+    blocks = [torch.ones(256 * 1024) for _ in range(400)]  # 400 MiB in 1 MiB blocks
+    top = blocks[-1]  # kept: the heap's top stays in use, so free() alone returns none of the other blocks' pages
     del blocks
     gc.collect()
     before = rss()
     loader = make_loader(InteractionStream(world_shards, "train", 4, tiny_preprocess, content=False), num_workers=1)
     assert before - rss() > 300 * 2**20
     assert next(iter(loader)).targets.shape == (4,)
-    del pin
+    del top
