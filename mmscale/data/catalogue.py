@@ -47,7 +47,7 @@ class CatalogueItems(Dataset):
 
 def catalogue_loader(store: ItemStore, preprocess: ItemPreprocess, items: list[int], batch_size: int, num_workers: int) -> DataLoader:
     dataset = CatalogueItems(store, preprocess, items)
-    # its own generator: worker seeds drawn from the global one would shift training's dropout draws
     if num_workers:
         release_free_heap()
+    # its own generator: worker seeds drawn from the global one would shift training's dropout draws
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate, generator=torch.Generator())
