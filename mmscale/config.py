@@ -149,6 +149,10 @@ class TrainConfig:
     # The accelerator's peak dense TFLOP/s at the training precision (e.g. 989 for an H100/H200 in bf16): logs
     # perf/encoder_mfu, the item encoder's model FLOPs utilisation. 0: unknown, not logged.
     peak_tflops: float = 0.0
+    # torch's deterministic algorithms: the same run gives the same bits (restarts included). Off, torch may pick
+    # faster kernels whose float sums depend on thread timing (on the CPU, index_put's parallel accumulate):
+    # then two runs of one config differ from the first step in the last bits.
+    deterministic: bool = True
 
 
 RANKING_METRICS = ("recall", "ndcg", "mrr", "hit")  # each reported @K for every K of eval.ks (mmscale/eval/metrics.py)

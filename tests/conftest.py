@@ -53,6 +53,31 @@ def ml100k_shards(ml100k_raw, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def session_process_group():
+    """A one-rank gloo group for in-process Trainers, one for the whole session: DeepSpeed keeps a clone of the
+    first world group it meets for the life of the process, which a later group's Trainer would find unregistered.
+    A ready group also means init_distributed skips deepspeed.init_distributed, which on CPU JIT-compiles
+    DeepSpeed's shared-memory comm op (minutes) and is not what these tests check."""
+    import torch.distributed as dist
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if made and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(session_process_group):
+    """For in-process Trainers: the session's group; the process-wide state they set is restored after the module."""
+    from helpers.process_state import process_state_restored
+
+    with process_state_restored():
+        yield
+
+
+@pytest.fixture(scope="session")
 def world_shards(tmp_path_factory) -> Path:
     """The generated world at a small size (60 users, 80 items), sharded once: for the multi-process tests."""
     from mmscale.build.shards import BuildOptions, build_shards

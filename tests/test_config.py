@@ -12,6 +12,7 @@ import torch
 
 from mmscale.config import Config, ConfigError, load_config, parse_override, validate
 from mmscale.engine.deepspeed_config import build_deepspeed_config
+from helpers.process_state import process_state_restored
 from helpers.programs import load_program
 
 REPO = Path(__file__).resolve().parents[1]
@@ -338,25 +339,13 @@ def _load_train_main():
 
 
 @pytest.fixture
-def train_main(monkeypatch):
-    """launch/train.py's main, with the process-wide state it touches restored afterwards
-    (launcher variables, torch threads, and a process group it may create)."""
-    import torch.distributed as dist
-
-    env_before = dict(os.environ)
-    threads = torch.get_num_threads()
-    had_group = dist.is_initialized()
-    if not had_group:
-        # A ready one-rank gloo group: init_distributed then skips deepspeed.init_distributed, which on
-        # CPU JIT-compiles DeepSpeed's shared-memory comm op (minutes) and is not what these tests check.
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    monkeypatch.chdir(REPO)  # default relative paths (ds_configs/...) resolve
-    yield _load_train_main()
-    if dist.is_initialized() and not had_group:
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env_before)
-    torch.set_num_threads(threads)
+def train_main(monkeypatch, session_process_group):
+    """launch/train.py's main on the session's process group, which outlives it; the process-wide state main
+    touches is restored afterwards."""
+    with process_state_restored():
+        monkeypatch.chdir(REPO)  # default relative paths (ds_configs/...) resolve
+        monkeypatch.setattr("mmscale.engine.distributed.shutdown_distributed", lambda: None)
+        yield _load_train_main()
 
 
 @pytest.fixture(scope="module")

@@ -306,3 +306,26 @@ def test_joint_every_step_table_gives_the_encoder_the_gradient_of_its_loss(world
         assert float(gradient @ direction / direction.norm()) == pytest.approx(finite_difference, rel=1e-5, abs=1e-9)
     cosine = float(F.cosine_similarity(gradient, cached_gradient, dim=0))
     assert cosine < 0.9, cosine  # the check has teeth: the batch-only gradient is not the loss's
+
+
+def test_the_same_run_twice_gives_the_same_bits(one_rank_group, world_shards, tmp_path):
+    """MP4SR joint on the tiny CLIP, twice in one process: every logged loss and every gradient bit for bit. Torch's
+    CPU backward of advanced indexing accumulates in parallel, in thread order: before train.deterministic, 269 of
+    these 300 gradients differed between two runs (2 threads)."""
+    from helpers.train_worker import case_config, record_gradients
+
+    from mmscale.engine.trainer import Trainer
+
+    runs = []
+    for run in ("first", "second"):
+        trainer = Trainer(case_config("mp4sr_joint", str(world_shards), tmp_path / run, 2, 16, []), log=lambda *a, **k: None)
+        gradients: dict[str, torch.Tensor] = {}
+        record_gradients(trainer, gradients)
+        trainer.fit()
+        losses = [{k: v for k, v in json.loads(line).items() if k.startswith("loss/")}
+                  for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"loss/total"' in line]
+        runs.append((losses, gradients))
+    (losses, gradients), (again, gradients_again) = runs
+    assert len(losses) == 3 and losses == again
+    assert gradients.keys() == gradients_again.keys() and any(n.startswith("3/encoder.") for n in gradients)
+    assert [n for n in gradients if not torch.equal(gradients[n], gradients_again[n])] == []

@@ -53,25 +53,6 @@ def test_the_top_blocks_on_the_frozen_outputs_are_the_encoder():
         torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-rank gloo group for in-process Trainers, and the process-wide state they touch (launcher variables,
-    torch threads) restored afterwards, so that later tests' subprocesses do not inherit this process's rendezvous."""
-    import os
-
-    import torch.distributed as dist
-
-    env_before, threads, had_group = dict(os.environ), torch.get_num_threads(), dist.is_initialized()
-    if not had_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if dist.is_initialized() and not had_group:
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env_before)
-    torch.set_num_threads(threads)
-
-
 def _train(world_shards: Path, run_dir: Path, case: str, cached: bool, stage: int = 2):
     from mmscale.engine.trainer import Trainer
 

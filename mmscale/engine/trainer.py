@@ -33,7 +33,8 @@ from ..models import build_preprocess
 from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from .distributed import all_reduce_sum, any_rank, average_gradients_in_backward, barrier, deepspeed, gather, init_distributed
+from .distributed import (all_reduce_sum, any_rank, average_gradients_in_backward, barrier, deepspeed, gather, init_distributed,
+                          use_deterministic_algorithms)
 from .monitor import Monitor, run_log
 
 
@@ -76,6 +77,7 @@ class Trainer:
         """`log`: where progress messages go (default: stdout and RUN/out.log through the 'mmscale' logger)."""
         self.config = config
         self.dist = init_distributed(config.train.collective_timeout_s)
+        use_deterministic_algorithms(config.train.deterministic)
         self.run_dir = Path(config.train.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self._lock_run_dir()
