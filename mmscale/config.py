@@ -90,6 +90,10 @@ class SequenceConfig:
     mixup_max: float = 0.5  # each sequence's mixup ratio is drawn from U(0, mixup_max)
     drop_max: float = 0.2  # each sequence's item-drop ratio is drawn from U(0, drop_max)
     pretrained: str | None = None  # finetune: model.safetensors of a consolidated pretrain run
+    # mp4sr finetune / joint: each training step leaves out each item's id vector with this probability (wherever the
+    # item appears that step), so the model also learns to rank items by content alone, as it must rank cold items
+    # (DropoutNet's input dropout, Volkovs et al. 2017). 0: off.
+    id_dropout: float = 0.0
     # joint: the item table the next-item and MP4SR losses score against.
     #   cached      every item's content from a cache refreshed every cache_refresh_steps; only the batch's items
     #               carry the encoder's gradient, so the loss's push away from the other items never reaches it
@@ -433,7 +437,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must not be negative, got {value}")
     below_one = {"optim.betas[0]": config.optim.betas[0], "optim.betas[1]": config.optim.betas[1],
                  "sequence.dropout": config.sequence.dropout, "sequence.adaptor_dropout": config.sequence.adaptor_dropout,
-                 "sequence.mixup_max": config.sequence.mixup_max, "sequence.drop_max": config.sequence.drop_max}
+                 "sequence.mixup_max": config.sequence.mixup_max, "sequence.drop_max": config.sequence.drop_max,
+                 "sequence.id_dropout": config.sequence.id_dropout}
     for key, value in below_one.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
@@ -465,6 +470,7 @@ def validate(config: Config) -> None:
                               f"({_able('open_clip_towers')}), not encoder.kind={config.encoder.kind!r}")
     _validate_frozen_block_cache(config)
     _validate_item_table(config)
+    _validate_id_dropout(config)
     _validate_best_metric(config)
     _validate_report_to(config)
     if config.encoder.item_representation == "fusion" and not encoder_can(config.encoder.kind, "fusion"):
@@ -512,6 +518,13 @@ def _validate_item_table(config: Config) -> None:
     if not config.encoder.cache_frozen_blocks:
         raise ConfigError(f"{key}: every_step runs the encoder's trained blocks over every item each step, from their "
                           f"cached inputs: it needs encoder.cache_frozen_blocks=true (and encoder.trainable_blocks)")
+
+
+def _validate_id_dropout(config: Config) -> None:
+    seq = config.sequence
+    if seq.id_dropout and (config.task != "sequential" or seq.model != "mp4sr" or seq.mode == "pretrain"):
+        raise ConfigError("sequence.id_dropout: leaves out the item id vectors of MP4SR finetune or joint (task=sequential, "
+                          "sequence.model=mp4sr); SASRec has nothing but ids, and pretrain and the two-tower task have none")
 
 
 def dump_config(config: Config, path: str | Path) -> None:

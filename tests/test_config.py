@@ -179,6 +179,10 @@ def test_an_unset_paradigm_is_the_tasks_own(overrides, paradigm):
     (["sequence.item_table=fresh"], "sequence.item_table: 'fresh' is not one of"),
     (SEQUENTIAL_ENCODER + ["sequence.mode=finetune", "sequence.item_table=every_step"], "sequence.item_table: every_step is joint mode's"),
     (SEQUENTIAL_ENCODER + ["sequence.mode=joint", "sequence.item_table=every_step"], "needs encoder.cache_frozen_blocks=true"),
+    (["task=sequential", "sequence.model=sasrec", "sequence.id_dropout=0.5"], "sequence.id_dropout: leaves out the item id vectors"),
+    (SEQUENTIAL_ENCODER + ["sequence.mode=pretrain", "sequence.id_dropout=0.5"], "sequence.id_dropout: leaves out"),
+    (["sequence.id_dropout=0.5"], "sequence.id_dropout: leaves out"),  # the two-tower task
+    (SEQUENTIAL_ENCODER + ["sequence.id_dropout=1"], r"sequence.id_dropout: must be in \[0, 1\)"),
     (["encoder.paradigm=fine_tuned", "objectives.weights={rec: 1.0, itc: 0.0}"], "vision-language losses"),
 ])
 def test_a_paradigm_the_task_contradicts_names_the_key(overrides, message):

@@ -69,6 +69,27 @@ def test_cold_items_are_never_negatives_of_the_next_item_loss(world_shards):
     assert (grad[warm_negatives].abs().sum(1) > 0).all()  # every other item is a negative
 
 
+def test_id_dropout_leaves_out_whole_items_in_training_steps_only(world_shards):
+    """sequence.id_dropout: in a training step each warm item's id vector is left out with that probability, wherever
+    the item appears (as a history item and in the item table), so its id vector gets no gradient; the draw is
+    redrawn each step; evaluation keeps every warm item's id, and cold items never have one."""
+    n = load_manifest(world_shards)["num_items"]
+    cold = [0, 1, 2]
+    task, config = task_for(world_shards, "task=sequential", "sequence.features=encoder", "sequence.mode=finetune",
+                            "sequence.id_dropout=0.5", "sequence.dropout=0.0", cold_items=cold)
+    task.set_content_cache(*catalogue(task, n))
+    batch = first_batch(world_shards, config, batch_size=16)
+    task(batch, one_process)["rec"].backward()
+    left_out = (task._id_table() == 0).all(-1)  # this step's draw (forward advanced it)
+    assert left_out[cold].all() and 0.3 < left_out[3:].float().mean() < 0.7
+    grad = task.item_id.weight.grad.abs().sum(-1)
+    assert (grad[left_out] == 0).all() and (grad[~left_out] > 0).all()  # every kept warm item is a negative at least
+    task.count_forward()
+    assert not torch.equal((task._id_table() == 0).all(-1), left_out)
+    task.eval()
+    assert torch.equal((task._id_table() == 0).all(-1), task.cold)
+
+
 def test_joint_mode_runs_the_encoder_once_per_batch(world_shards):
     task, config = task_for(world_shards, *JOINT, "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0")
     task.set_content_cache(*catalogue(task, load_manifest(world_shards)["num_items"]))

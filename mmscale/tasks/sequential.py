@@ -67,8 +67,20 @@ class NextItemTask(Task):
         self.register_buffer("cold", cold, persistent=False)
         self.sequence = CausalSequenceEncoder(seq.hidden, seq.layers, seq.heads, seq.dropout, shards.max_history)
 
-    def _with_ids(self, table: torch.Tensor) -> torch.Tensor:
-        return table if self.item_id is None else table + self.item_id.weight * (~self.cold).unsqueeze(-1).to(table.dtype)
+    def _id_table(self) -> torch.Tensor | None:
+        """Each item's id vector, zero where an item has none: cold items, and in training the items whose id this
+        step leaves out (sequence.id_dropout; one draw per item and step, hashed, so every rank drops the same)."""
+        if self.item_id is None:
+            return None
+        has_id, dropout = ~self.cold, self.config.sequence.id_dropout
+        if self.training and dropout:
+            items = torch.arange(len(has_id), device=has_id.device)
+            has_id = has_id & (hashed_uniform(items, self.draws.to(has_id.device), torch.tensor(5)) >= dropout)
+        return self.item_id.weight * has_id.unsqueeze(-1).to(self.item_id.weight.dtype)
+
+    @staticmethod
+    def _with_ids(table: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        return table if ids is None else table + ids
 
     def _encode(self, inputs: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.sequence(inputs, history != PAD), dim=-1)
@@ -250,9 +262,10 @@ class MP4SRTask(NextItemTask):
         text, image = self._raw_features(content)
         text, image = self.text_adaptor(text), self.image_adaptor(image)
         if "rec" in self.loss_weights:
-            text_seq = self._encode(text[index] + self.item_id(index), history)
-            image_seq = self._encode(image[index] + self.item_id(index), history)
-            logits = self._next_item_logits(gather(text_seq), gather(image_seq), self._with_ids(text), self._with_ids(image))
+            ids = self._id_table()
+            text_seq = self._encode(text[index] + ids[index], history)
+            image_seq = self._encode(image[index] + ids[index], history)
+            logits = self._next_item_logits(gather(text_seq), gather(image_seq), self._with_ids(text, ids), self._with_ids(image, ids))
             losses["rec"] = F.cross_entropy(logits, all_targets)
         if "seq_item" in self.loss_weights or "seq_seq" in self.loss_weights:
             text_led, image_led, kept = self._mixed_sequences(batch, text, image)
@@ -295,6 +308,7 @@ class MP4SRTask(NextItemTask):
         the text-led and image-led sequence representations, so user . item sums the modalities. Computed from
         `content` (a catalogue encoding), never from or into the training cache."""
         text, image = self._raw_features(self._content_features(*content) if content is not None else None)
-        text, image = self._with_ids(self.text_adaptor(text)), self._with_ids(self.image_adaptor(image))
+        ids = self._id_table()
+        text, image = self._with_ids(self.text_adaptor(text), ids), self._with_ids(self.image_adaptor(image), ids)
         items = torch.cat([F.normalize(text, dim=-1), F.normalize(image, dim=-1)], dim=-1)
         return Ranking(items, lambda users, history: torch.cat([self._user_vectors(history, text), self._user_vectors(history, image)], dim=-1))
