@@ -4,11 +4,9 @@ exit code 2 for bad configurations and mismatched shards."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmscale.config import Config, ConfigError, load_config, parse_override, validate
 from mmscale.engine.deepspeed_config import build_deepspeed_config
