@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-LOSS_TOLERANCE = dict(rel=1e-5, abs=1e-6)
+LOSS_TOLERANCE = dict(rel=1e-5, abs=1e-6)  # step 1: the same weights
+# Steps 2 and 3 follow Adam updates (see the gradients below): VLMo's image-text loss at step 2 was 2.7e-5 off on
+# 2 nodes x 2 ranks in one suite run (every ZeRO stage alike, step 1 within 1e-6), and within 1e-5 in the runs before.
+LOSS_TOLERANCE_AFTER_UPDATES = dict(rel=1e-4, abs=1e-6)
 # Relative L2 error of a parameter group's gradient: fp32 sums in another order. Step 1 compares the same weights.
 # Later steps compare weights after Adam updates, and Adam moves a weight by about lr wherever its gradient is
 # near zero, whatever the rounding there: measured on 2 nodes x 2 ranks, VLMo's recommender group is up to 9e-6
@@ -47,7 +50,8 @@ def assert_parity(reference_dir: Path, case: str, run_dir: Path, name: str) -> N
     for a, b in zip(reference["losses"], run["losses"]):
         assert sorted(a) == sorted(b)
         for key in a:
-            assert b[key] == pytest.approx(a[key], **LOSS_TOLERANCE), (name, a["step"], key)
+            tolerance = LOSS_TOLERANCE if a["step"] == 1 else LOSS_TOLERANCE_AFTER_UPDATES
+            assert b[key] == pytest.approx(a[key], **tolerance), (name, a["step"], key)
     errors = group_gradient_errors(reference, ref_grads, grads)
     over = {key: error for key, error in errors.items()
             if error > (GRADIENT_TOLERANCE if key.startswith("1/") else GRADIENT_TOLERANCE_AFTER_UPDATES)}
