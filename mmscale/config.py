@@ -97,7 +97,7 @@ class SequenceConfig:
     # joint: the item table the next-item and MP4SR losses score against.
     #   cached      every item's content from a cache refreshed every cache_refresh_steps; only the batch's items
     #               carry the encoder's gradient, so the loss's push away from the other items never reaches it
-    #   every_step  every item through the encoder's trained blocks each step, with gradient (the loss's exact
+    #   every_step  every warm item through the encoder's trained blocks each step, with gradient (the loss's exact
     #               gradient; the catalogue split across ranks); needs encoder.cache_frozen_blocks
     item_table: str = "cached"
     cache_refresh_steps: int = 50  # joint, cached table: the cached content is at most this many steps old

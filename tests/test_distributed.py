@@ -149,7 +149,10 @@ def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_pat
 
 def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: Path) -> None:
     """MP4SR joint with `sequence.item_table=every_step` on the batch production gives this rank (one process: the
-    union of two ranks' batches): the losses, and every gradient averaged over the ranks as the engine does."""
+    union of two ranks' batches): the losses, and every gradient averaged over the ranks as the engine does. Seven
+    items no batch holds are held out cold: the ranks share the other 73 (uneven shares)."""
+    from dataclasses import replace
+
     from mmscale.config import load_config
     from mmscale.data.item_store import ItemStore
     from mmscale.data.shard_set import ShardSet
@@ -164,16 +167,21 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
         "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0", "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}",
         f"encoder.model={REPO / 'configs/models/minilm-effnet.json'}", "encoder.image_size=64", "encoder.context_length=16",
         "encoder.trainable_blocks=1", "encoder.cache_frozen_blocks=true", "data.history_content=false"])
-    torch.manual_seed(0)
-    task = build_task(config, ShardSet.open(world_shards)).eval()  # eval: the trained text layer's dropout draws differ by rank
-    coll = Collectives(rank, world_size, gather, all_reduce_sum)
     store, preprocess = ItemStore(world_shards), build_preprocess(config.encoder)
-    *states, has_image = encode_catalogue(task, store, preprocess, coll, "cpu", 64, 0, encode=task.encoder.frozen_blocks)
-    task.set_frozen_block_cache(tuple(states), has_image, store.identity, coll.contiguous_share(len(has_image)))
     per_rank = [InteractionStream(world_shards, "train", 8, preprocess, rank=r, world_size=2, resampled=True, shuffle_buffer=0,
                                   history_content=False, content=False) for r in range(2)]
     raw = [next(stream.raw_batches()) for stream in per_rank]
-    batch = per_rank[rank].decode(raw[rank]) if world_size == 2 else per_rank[0].decode(raw[0] + raw[1])
+    union = per_rank[0].decode(raw[0] + raw[1])
+    batch = per_rank[rank].decode(raw[rank]) if world_size == 2 else union
+    cold = sorted(set(range(len(store))) - set(union.history.flatten().tolist()) - set(union.targets.tolist()))[:7]
+    shards = ShardSet.open(world_shards)
+    torch.manual_seed(0)
+    task = build_task(config, replace(shards, manifest=shards.manifest | {"cold_items": cold})).eval()  # eval: the trained
+    # text layer's dropout draws differ by rank
+    coll = Collectives(rank, world_size, gather, all_reduce_sum)
+    *states, has_image = encode_catalogue(task, store, preprocess, coll, "cpu", 64, 0, encode=task.encoder.frozen_blocks)
+    task.set_frozen_block_cache(tuple(states), has_image, store.identity, coll.contiguous_share)
+    assert len(cold) == 7 and task.items_encoded(batch) == (73 if world_size == 1 else 37 - rank)
     losses = task(batch, gather)
     sum(config.objectives.weights[name] * loss for name, loss in losses.items()).backward()
     result = {f"loss/{name}": loss.detach() for name, loss in losses.items()}

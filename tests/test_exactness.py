@@ -276,7 +276,8 @@ def test_joint_every_step_table_gives_the_encoder_the_gradient_of_its_loss(world
     included. With `sequence.item_table=every_step` the backward's encoder gradient is that function's: its
     directional derivatives match central differences of the loss recomputed with every row re-encoded (in float64).
     The cached table at a refresh holds the same rows and gives the same loss, but only the batch's items pass their
-    gradient, so its encoder gradient points elsewhere (15 of 80 items in the batch: cosine 0.16 on 2026-12-05)."""
+    gradient, so its encoder gradient points elsewhere (15 of 80 items in the batch: cosine 0.16 on 2026-12-05).
+    Items held out cold (here five the batch does not hold) are not encoded: the loss never scores them."""
     from mmscale.data.item_store import ItemStore
     from mmscale.eval.evaluate import encode_catalogue, single_process
 
@@ -284,24 +285,26 @@ def test_joint_every_step_table_gives_the_encoder_the_gradient_of_its_loss(world
     common = ["task=sequential", "sequence.mode=joint", "objectives.weights={rec: 1.0}", "sequence.dropout=0.0",
               "sequence.adaptor_dropout=0.0", f"encoder.model={arch}", "encoder.image_size=64", "encoder.context_length=16",
               "encoder.trainable_blocks=1", "encoder.cache_frozen_blocks=true", "data.history_content=false"]
-    built = {table: task_for(world_shards, *common, f"sequence.item_table={table}") for table in ("every_step", "cached")}
-    tasks, config = {table: task for table, (task, _) in built.items()}, built["cached"][1]
-    store, preprocess = ItemStore(world_shards), build_preprocess(config.encoder)
+    store, preprocess = ItemStore(world_shards), build_preprocess(load_config(None, common).encoder)
+    stream = InteractionStream(world_shards, "train", 16, preprocess, shuffle_buffer=0, content=False)
+    batch = next(stream.batches())
+    cold = sorted(set(range(len(store))) - set(batch.history.flatten().tolist()) - set(batch.targets.tolist()))[::2][:5]
+    built = {table: task_for(world_shards, *common, f"sequence.item_table={table}", cold_items=cold) for table in ("every_step", "cached")}
+    tasks = {table: task for table, (task, _) in built.items()}
     for task in tasks.values():
         task.load_state_dict(tasks["every_step"].state_dict())
         *states, has_image = encode_catalogue(task, store, preprocess, single_process(), "cpu", 80, 0,
                                               encode=task.encoder.frozen_blocks)  # the fixed inputs of the trained blocks
         task.double().eval()  # eval: the trained text layer's dropout off, so every forward is the same function
         task.set_frozen_block_cache(tuple(s.double() if s.is_floating_point() else s for s in states), has_image, store.identity)
-    stream = InteractionStream(world_shards, "train", 16, preprocess, shuffle_buffer=0, content=False)
-    batch = next(stream.batches())
     trained = [(n, p) for n, p in tasks["every_step"].encoder.named_parameters() if p.requires_grad]
 
     def refreshed_loss(task) -> torch.Tensor:  # the cached table refreshed to the encoder as it is now: every row re-encoded
         task.set_content_cache(*encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0))
         return task(batch, one_process)["rec"]
 
-    assert tasks["every_step"].items_encoded(batch) == len(store) > tasks["cached"].items_encoded(batch) == len(batch.item_ids)
+    assert len(cold) == 5 and tasks["every_step"].items_encoded(batch) == len(store) - len(cold)
+    assert len(store) > tasks["cached"].items_encoded(batch) == len(batch.item_ids)
     loss = tasks["every_step"](batch, one_process)["rec"]
     loss.backward()
     gradient = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten() for _, p in trained])

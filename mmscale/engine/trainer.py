@@ -286,7 +286,7 @@ class Trainer:
         with gathered:
             *states, has_image = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
                                                   self.config.eval.batch_size, self.config.data.num_workers, encode=encoder.frozen_blocks)
-        self.task.set_frozen_block_cache(tuple(states), has_image, store.identity, self.collectives.contiguous_share(len(has_image)))
+        self.task.set_frozen_block_cache(tuple(states), has_image, store.identity, self.collectives.contiguous_share)
         size = sum(state.numel() * state.element_size() for state in states) / 2**20
         self.log(f"step {self.step}: frozen blocks of {len(has_image)} items cached ({size:.1f} MiB on each rank)")
 

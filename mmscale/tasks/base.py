@@ -16,7 +16,8 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
     encode_content(images, text_tokens) -> (image, text)
     caches_frozen_blocks: bool                        encoder.cache_frozen_blocks: the engine encodes the catalogue's
     set_frozen_block_cache(states, has_image, store,  frozen blocks once and hands them over; batches then need no content;
-                           share)                     `share`: this rank's slice of the items, for work over every item
+                           share)                     `share(n)`: this rank's contiguous slice of range(n), for work
+                                                      spread over the ranks (every warm item each step)
     cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
     items_encoded(batch) -> int                       items a training step runs through the encoder on this rank
@@ -51,6 +52,10 @@ class Ranking:
     user_vectors: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (users [B], history [B, L]) -> [B, E]
 
 
+def _everything(n: int) -> slice:
+    return slice(None)
+
+
 def decays(owner: nn.Module, name: str, param: nn.Parameter) -> bool:
     """Weight decay applies to the matrices that multiply inputs: linear and convolution weights, attention's
     packed input projection and bare projection matrices (open_clip's `proj`, `text_projection`). Never to
@@ -77,7 +82,7 @@ class Task(nn.Module, ABC):
         self.frozen_block_states: tuple[torch.Tensor, ...] | None = None
         self.frozen_block_has_image: torch.Tensor | None = None
         self.frozen_block_store: tuple | None = None
-        self.frozen_block_share = slice(None)  # this rank's contiguous slice of the items (all of them on one process)
+        self.frozen_block_share: Callable[[int], slice] = _everything  # this rank's slice of range(n) (one process: all)
 
     @abstractmethod
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
@@ -135,9 +140,9 @@ class Task(nn.Module, ABC):
         return self.config.encoder.cache_frozen_blocks
 
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
-                               share: slice = slice(None)) -> None:
+                               share: Callable[[int], slice] | None = None) -> None:
         self.frozen_block_states, self.frozen_block_has_image, self.frozen_block_store = states, has_image, store_identity
-        self.frozen_block_share = share
+        self.frozen_block_share = share or _everything
 
     def cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, has_image) of these items from their cached frozen-block outputs."""

@@ -65,6 +65,7 @@ class NextItemTask(Task):
         cold = torch.zeros(shards.num_items, dtype=torch.bool)
         cold[shards.cold_items] = True
         self.register_buffer("cold", cold, persistent=False)
+        self.register_buffer("warm_items", (~cold).nonzero().squeeze(1), persistent=False)  # the ids training can score
         self.sequence = CausalSequenceEncoder(seq.hidden, seq.layers, seq.heads, seq.dropout, shards.max_history)
 
     def _id_table(self) -> torch.Tensor | None:
@@ -207,15 +208,19 @@ class MP4SRTask(NextItemTask):
 
     def _every_item(self, gather: Gather) -> torch.Tensor:
         """Every item's content [N, 2E] through the encoder's trained blocks, with gradient: each rank encodes its
-        contiguous share of the items and the all-gather (with gradient) lays the shares end to end, so the loss's
-        gradient reaches the encoder through every item, a negative as much as a target."""
-        ids = torch.arange(len(self.frozen_block_has_image), device=self.frozen_block_has_image.device)[self.frozen_block_share]
+        contiguous share of the warm items and the all-gather (with gradient) lays the shares end to end, so the loss's
+        gradient reaches the encoder through every item, a negative as much as a target. Cold items get zero rows
+        without running the encoder: training never scores them (masked out of the softmax, absent from every
+        training sequence), so their rows carry no gradient."""
+        warm = self.warm_items
+        ids = warm[self.frozen_block_share(len(warm))]
         parts = [self._content_features(*self.cached_content(chunk)) for chunk in ids.split(EVERY_ITEM_CHUNK)]
-        return gather(torch.cat(parts), uneven=True)
+        rows = gather(torch.cat(parts), uneven=True)
+        return rows.new_zeros(len(self.cold), rows.shape[1]).index_copy(0, warm, rows)
 
     def items_encoded(self, batch: Batch) -> int:
         if self.encodes_every_item:
-            return len(range(len(self.frozen_block_has_image))[self.frozen_block_share])
+            return len(range(len(self.warm_items))[self.frozen_block_share(len(self.warm_items))])
         return len(batch.item_ids)
 
     def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather: Gather) -> torch.Tensor:
