@@ -112,6 +112,10 @@ class ObjectiveConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"rec": 1.0, "itc": 0.1, "seq_item": 1.0, "seq_seq": 0.01})
     rec_loss: str = "softmax"  # softmax (in-batch sampled softmax) | bpr
     rec_temperature: float = 0.1
+    # two_tower softmax: subtract each item's log share of the training interactions from its logit. In-batch
+    # negatives are drawn as often as items are interacted with, so without it the loss pushes popular items down
+    # (the sampling-bias correction of Yi et al., RecSys 2019). Training only; evaluation ranks by the plain score.
+    logq_correction: bool = False
 
 
 @dataclass
@@ -480,6 +484,9 @@ def validate(config: Config) -> None:
         raise ConfigError("encoder.item_representation: fusion is for the two_tower task (MP4SR reads image and text features apart)")
     if config.task == "two_tower" and not any(config.objectives.weights.get(n) for n in ("rec", "itc")):
         raise ConfigError("objectives.weights: rec and itc are both 0; the two_tower task would train nothing")
+    if config.objectives.logq_correction and (config.task != "two_tower" or config.objectives.rec_loss != "softmax"):
+        raise ConfigError("objectives.logq_correction: corrects the two_tower task's in-batch softmax (rec_loss=softmax) "
+                          f"for its sampled negatives; not task={config.task!r}, rec_loss={config.objectives.rec_loss!r}")
     if config.task == "two_tower" and config.encoder.paradigm == "frozen" and config.objectives.weights.get("itc", 0) != 0:
         raise ConfigError("objectives.weights.itc: the frozen paradigm does not train the encoder; set it to 0")
     if config.encoder.paradigm == "fine_tuned" and not config.objectives.weights.get("rec"):

@@ -143,11 +143,13 @@ def test_unknown_key_in_file_names_the_key(tmp_path):
         ("data.batch_size=0", "data.batch_size"),
         ("optim.grad_accum=0", "optim.grad_accum"),
         ("objectives.rec_temperature=0", "objectives.rec_temperature"),
+        ("objectives.logq_correction=true objectives.rec_loss=bpr", "objectives.logq_correction"),
+        ("objectives.logq_correction=true task=sequential", "objectives.logq_correction"),
     ],
 )
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[override])
+        load_config(overrides=override.split())
     assert key in str(err.value)
 
 

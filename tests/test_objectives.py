@@ -84,6 +84,22 @@ def test_sampled_softmax_shared_target_is_not_a_negative():
     assert abs(got - naive) > 1e-3
 
 
+def test_logq_correction_subtracts_each_columns_log_sampling_probability():
+    """Each column's logit drops by its item's log sampling probability (a repeated item: one column, one
+    correction); a uniform probability changes nothing (softmax is shift-invariant)."""
+    users, items = embeddings(5, seed=3)
+    ids = torch.tensor([4, 7, 4, 9, 2])
+    log_q = torch.tensor([0.1, 0.6, 0.1, 0.25, 0.05], dtype=torch.float64).log()
+    logits = users @ items[[0, 1, 3, 4]].T / 0.5 - log_q[[0, 1, 3, 4]]
+    expected = sum(-log_softmax_at(logits[i].tolist(), column) for i, column in enumerate([0, 1, 0, 2, 3])) / 5  # ids 4 7 9 2
+    got = float(sampled_softmax_loss(users, items, ids, 0.5, log_q))
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert abs(got - float(sampled_softmax_loss(users, items, ids, 0.5))) > 1e-3
+    uniform = torch.full((5,), math.log(0.2), dtype=torch.float64)
+    assert float(sampled_softmax_loss(users, items, ids, 0.5, uniform)) == pytest.approx(
+        reference_softmax_loss(users, items, ids, 0.5), rel=1e-9)
+
+
 def test_sampled_softmax_duplicate_uses_first_copy_as_column():
     users, items = embeddings(5, seed=2)
     ids = torch.tensor([1, 2, 1, 3, 2])  # duplicates with *different* embeddings: only the first copy counts
@@ -230,3 +246,34 @@ def test_itc_gradient_reaches_logit_scale():
     assert float(logit_scale.grad) == pytest.approx(numeric, rel=1e-3, abs=1e-5)
     # rows without an image or duplicated get no gradient
     assert float(image.grad[2].abs().sum()) == 0.0 and float(image.grad[3].abs().sum()) == 0.0
+
+
+def test_two_tower_logq_correction_uses_each_items_share_of_the_training_interactions(world_shards, monkeypatch):
+    """objectives.logq_correction: the task hands the in-batch softmax each target's log share of the training
+    interactions (how often batches draw it); without it, nothing."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import mmscale.tasks.two_tower as two_tower
+    from mmscale.config import load_config
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.data.stream import InteractionStream
+    from mmscale.models import build_preprocess
+    from mmscale.tasks import build_task
+
+    tiny_clip = str(Path(__file__).resolve().parents[1] / "configs/models/clip-tiny.json")
+    shards = ShardSet.open(world_shards)
+    counts = np.bincount(shards.seen()[1], minlength=shards.num_items)
+    handed = []
+    monkeypatch.setattr(two_tower, "sampled_softmax_loss", lambda *args: handed.append(args[4:]) or torch.zeros(()))
+    for correct in (True, False):
+        config = load_config(None, [f"data.shards={world_shards}", f"encoder.model={tiny_clip}", "objectives.weights={rec: 1.0, itc: 0.0}",
+                                    f"objectives.logq_correction={str(correct).lower()}"])
+        task = build_task(config, shards)
+        batch = next(InteractionStream(world_shards, "train", 8, build_preprocess(config.encoder), shuffle_buffer=0).batches())
+        task(batch, lambda x, uneven=False: x)
+    (corrected,), (plain,) = handed
+    expected = np.log(counts[batch.targets.numpy()] / counts.sum())
+    assert plain is None and counts.min() < counts.max()
+    np.testing.assert_allclose(corrected.numpy(), expected, rtol=1e-6)

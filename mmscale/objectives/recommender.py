@@ -8,13 +8,18 @@ import torch.nn.functional as F
 from .common import first_occurrence
 
 
-def sampled_softmax_loss(users: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+def sampled_softmax_loss(users: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor, temperature: float,
+                         log_sampling: torch.Tensor | None = None) -> torch.Tensor:
     """In-batch sampled softmax: row i's positive is item i; the batch's other distinct items are negatives.
 
     users, items: [N, E] row-aligned; item_ids: [N]. A repeated item is one column (its first copy).
+    log_sampling: [N], the log probability that row i's item is drawn into a batch; subtracted from its column's
+    logits (the logQ correction), so an item is not pushed down for being drawn as a negative often.
     """
     first, is_first = first_occurrence(item_ids)
     logits = users @ items.T / temperature
+    if log_sampling is not None:
+        logits = logits - log_sampling.unsqueeze(0)
     logits = logits.masked_fill(~is_first.unsqueeze(0), torch.finfo(logits.dtype).min)
     return F.cross_entropy(logits, first)
 

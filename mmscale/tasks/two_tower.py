@@ -6,6 +6,7 @@ The members the engine and evaluation use are the `Task` contract (mmscale/tasks
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -35,6 +36,12 @@ class RecommendationTask(Task):
         adapting = config.encoder.paradigm == "fine_tuned"
         self.loss_weights = self._weights_of(VISION_LANGUAGE_LOSSES if adapting else ("rec", *VISION_LANGUAGE_LOSSES))
         self.frozen = False
+        if config.objectives.logq_correction:  # an item's share of the training interactions: how often batches draw it
+            _, seen = shards.seen()
+            counts = torch.from_numpy(np.bincount(seen, minlength=shards.num_items)).double()
+            self.register_buffer("log_sampling", (counts.clamp(min=1) / counts.sum()).log().float(), persistent=False)
+        else:
+            self.log_sampling = None
         if config.encoder.paradigm == "frozen":
             self.encoder.requires_grad_(False)
 
@@ -131,7 +138,8 @@ class RecommendationTask(Task):
             all_users = gather(self.user_embeddings(batch.users, batch.history, hist))
             all_items = gather(items[targets])
             if self.config.objectives.rec_loss == "softmax":
-                losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature)
+                log_sampling = self.log_sampling[all_ids] if self.log_sampling is not None else None
+                losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature, log_sampling)
             else:
                 losses["rec"] = bpr_loss(all_users, all_items, all_ids)
         if self.fusion_items and not self.frozen and any(n in self.loss_weights for n in VISION_LANGUAGE_LOSSES):
