@@ -353,3 +353,24 @@ def test_the_same_run_twice_gives_the_same_bits(one_rank_group, world_shards, tm
     assert len(losses) == 3 and losses == again
     assert gradients.keys() == gradients_again.keys() and any(n.startswith("3/encoder.") for n in gradients)
     assert [n for n in gradients if not torch.equal(gradients[n], gradients_again[n])] == []
+
+
+@pytest.mark.parametrize("case,current", [("frozen", True), ("mp4sr_finetune", True), ("fine_tuned", True), ("two_tower", False)])
+def test_evaluation_ranks_with_a_frozen_encoders_cache(one_rank_group, world_shards, tmp_path, monkeypatch, case, current):
+    """Once the encoder no longer trains (frozen, an MP4SR stage on a frozen encoder, fine_tuned after its freeze),
+    the trainer's cached content is what encoding the catalogue would give: evaluation ranks with it, without
+    encoding the catalogue again, and reports the same metrics; an encoder still training is encoded afresh."""
+    import mmscale.eval.evaluate as evaluation
+    from helpers.train_worker import case_config
+
+    from mmscale.eval.evaluate import evaluate
+    from mmscale.engine.trainer import Trainer
+
+    encodings = []
+    encode = evaluation.encode_catalogue
+    monkeypatch.setattr(evaluation, "encode_catalogue", lambda *a, **k: encodings.append(1) or encode(*a, **k))
+    trainer = Trainer(case_config(case, str(world_shards), tmp_path, 2, 16, ["eval.splits=[valid]"]), log=lambda *a, **k: None)
+    results = trainer.fit()["eval"]  # the evaluation at the end of training
+    assert (len(encodings) == 0) == current and trainer.task.content_cache_is_current == current
+    fresh = evaluate(trainer.task, trainer.shards, trainer.config.eval, trainer.preprocess, trainer.collectives, "cpu")
+    assert len(encodings) == 2 - current and results == fresh and results["valid"]["samples"] > 0

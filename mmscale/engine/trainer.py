@@ -553,8 +553,9 @@ class Trainer:
                 buffer.copy_(module[name])
 
     def run_evaluation(self) -> dict:
+        current = self.content if self.task.content_cache_is_current else None  # else the catalogue is encoded afresh
         results = evaluate(self.task, self.shards, self.config.eval, self.preprocess, self.collectives,
-                           self.dist.device, self.config.data.num_workers)
+                           self.dist.device, self.config.data.num_workers, content=current)
         flat = {f"eval/{split}/{name}": value for split, metrics in results.items() for name, value in metrics.items()}
         self.monitor.log(self.step, flat)
         self.log(json.dumps({"step": self.step, "eval": results}))

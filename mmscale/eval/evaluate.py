@@ -123,14 +123,16 @@ def evaluate(
     coll: Collectives,
     device,
     num_workers: int = 0,
+    content: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{split: {"recall@K", "ndcg@K", "mrr@K", "hit@K", "random_recall@K": ..., "samples": n}} over the configured splits."""
+    """{split: {"recall@K", "ndcg@K", "mrr@K", "hit@K", "random_recall@K": ..., "samples": n}} over the configured splits.
+    `content`: the catalogue's (image, text, has_image) as encoding it now would give (a frozen encoder's cache);
+    left None, the catalogue is encoded here when the task ranks by content."""
     check_finite_parameters(task, coll, device)
     shards = ShardSet.of(shards)
     was_training = task.training
     task.eval()
-    content = None
-    if task.uses_catalogue_content:
+    if task.uses_catalogue_content and content is None:
         content = encode_catalogue(task, shards.store, preprocess, coll, device, config.batch_size, num_workers)
     ranking = task.ranking(content)
     table = ranking.items

@@ -20,6 +20,8 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
                                                       spread over the ranks (every warm item each step)
     cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
+    content_cache_is_current: bool                    the cached content is what encoding the catalogue now would
+                                                      give (the encoder no longer trains): evaluation ranks with it
     items_encoded(batch) -> int                       items a training step runs through the encoder on this rank
     ranking(content or None) -> Ranking               item table and user vectors for full ranking
 
@@ -122,6 +124,7 @@ class Task(nn.Module, ABC):
     # -- the catalogue's content ----------------------------------------------------------------------------
     needs_content = False
     uses_catalogue_content = False
+    content_cache_is_current = False
 
     def content_cache_due(self, step: int, resumed: bool = False) -> bool:
         return False

@@ -180,6 +180,10 @@ class MP4SRTask(NextItemTask):
     def uses_catalogue_content(self) -> bool:
         return self.from_encoder
 
+    @property
+    def content_cache_is_current(self) -> bool:
+        return self.from_encoder and not self.trains_encoder  # a frozen encoder's one pass
+
     def content_cache_due(self, step: int, resumed: bool = False) -> bool:
         if not self.from_encoder:
             return False

@@ -51,6 +51,10 @@ class RecommendationTask(Task):
         return {"frozen": 0, "fine_tuned": self.config.encoder.adapt_steps}.get(self.config.encoder.paradigm)
 
     @property
+    def content_cache_is_current(self) -> bool:
+        return self.frozen  # cached at the freeze, in eval mode; the encoder has not trained since
+
+    @property
     def needs_content(self) -> bool:
         """Whether training batches must carry decoded images and tokens."""
         return not self.frozen and self.freeze_at_step != 0 and not self.caches_frozen_blocks
