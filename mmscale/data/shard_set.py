@@ -19,6 +19,8 @@ import numpy as np
 from .format import MANIFEST, check_unchanged, dataset_identity, load_manifest, shard_paths, split_size
 from .item_store import ItemStore
 
+PLANNED = Path("<planned>")  # the folder of a dataset that exists nowhere (ShardSet.planned)
+
 
 @dataclass(frozen=True)
 class ShardSet:
@@ -40,7 +42,7 @@ class ShardSet:
     def planned(cls, num_users: int, num_items: int, max_history: int = 50) -> "ShardSet":
         """A dataset of these sizes that exists nowhere: for building a task to count it (scale planning)."""
         manifest = {"num_users": num_users, "num_items": num_items, "max_history": max_history, "cold_items": []}
-        return cls(Path("<planned>"), manifest, (0, 0, 0, 0))
+        return cls(PLANNED, manifest, (0, 0, 0, 0))
 
     @classmethod
     def of(cls, shards: "ShardSet | str | Path") -> "ShardSet":
@@ -82,7 +84,9 @@ class ShardSet:
         return ItemStore(self.path, self.manifest, self.identity)
 
     def seen(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each user's training items (CSR: indptr [num_users + 1], items)."""
+        """Each user's training items (CSR: indptr [num_users + 1], items); none in a planned dataset."""
+        if self.path == PLANNED:
+            return np.zeros(self.num_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
         seen = np.load(self.path / "seen.npz")
         return seen["indptr"], seen["items"]
 

@@ -38,8 +38,9 @@ class RecommendationTask(Task):
         self.frozen = False
         if config.objectives.logq_correction:  # an item's share of the training interactions: how often batches draw it
             _, seen = shards.seen()
-            counts = torch.from_numpy(np.bincount(seen, minlength=shards.num_items)).double()
-            self.register_buffer("log_sampling", (counts.clamp(min=1) / counts.sum()).log().float(), persistent=False)
+            # an item never drawn counts once (it is never a training target anyway), so none is infinite
+            counts = torch.from_numpy(np.bincount(seen, minlength=shards.num_items)).double().clamp(min=1)
+            self.register_buffer("log_sampling", (counts / counts.sum()).log().float(), persistent=False)
         else:
             self.log_sampling = None
         if config.encoder.paradigm == "frozen":
