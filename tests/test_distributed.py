@@ -176,8 +176,8 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
     cold = sorted(set(range(len(store))) - set(union.history.flatten().tolist()) - set(union.targets.tolist()))[:7]
     shards = ShardSet.open(world_shards)
     torch.manual_seed(0)
-    task = build_task(config, replace(shards, manifest=shards.manifest | {"cold_items": cold})).eval()  # eval: the trained
-    # text layer's dropout draws differ by rank
+    # eval: the trained text layer's dropout draws differ by rank
+    task = build_task(config, replace(shards, manifest=shards.manifest | {"cold_items": cold})).eval()
     coll = Collectives(rank, world_size, gather, all_reduce_sum)
     *states, has_image = encode_catalogue(task, store, preprocess, coll, "cpu", 64, 0, encode=task.encoder.frozen_blocks)
     task.set_frozen_block_cache(tuple(states), has_image, store.identity, coll.contiguous_share)

@@ -363,8 +363,8 @@ def test_evaluation_ranks_with_a_frozen_encoders_cache(one_rank_group, world_sha
     import mmscale.eval.evaluate as evaluation
     from helpers.train_worker import case_config
 
-    from mmscale.eval.evaluate import evaluate
     from mmscale.engine.trainer import Trainer
+    from mmscale.eval.evaluate import evaluate
 
     encodings = []
     encode = evaluation.encode_catalogue
