@@ -529,3 +529,24 @@ def test_resuming_on_another_dataset_is_a_named_error(trained_run, world_shards,
     (other / MANIFEST).write_text(json.dumps(manifest))
     done = run(*train_args(other, run_dir, "train.max_steps=6"), "--resume", "latest")
     assert done.returncode == 2 and f"data.shards: {other} is not the dataset run {run_dir} was trained on" in done.stderr
+
+
+@pytest.mark.parametrize("damage", ["item out of range", "negative item", "short indptr", "pickled", "not a zip"])
+def test_a_damaged_seen_file_is_a_named_format_error(world_shards, tmp_path, damage):
+    """seen.npz (the training items the ranking excludes, and the two-tower's logQ shares) comes with the data: one
+    that is not a CSR of this dataset's users and items stops the reader naming the file, never unpickled."""
+    from mmscale.data.shard_set import ShardSet
+
+    folder = shutil.copytree(world_shards, tmp_path / "shards")
+    shards = ShardSet.open(folder)
+    indptr, items = shards.seen()
+    bad = {"item out of range": dict(indptr=indptr, items=np.where(np.arange(len(items)) == 3, shards.num_items, items)),
+           "negative item": dict(indptr=indptr, items=np.where(np.arange(len(items)) == 3, -1, items)),
+           "short indptr": dict(indptr=indptr[:-1], items=items),
+           "pickled": dict(indptr=indptr, items=np.array([object()] * len(items), dtype=object))}.get(damage)
+    if bad is None:
+        (folder / "seen.npz").write_bytes(b"not a zip")
+    else:
+        np.savez(folder / "seen.npz", **bad, allow_pickle=True) if damage == "pickled" else np.savez(folder / "seen.npz", **bad)
+    with pytest.raises(ShardFormatError, match=f"{folder / 'seen.npz'}: "):
+        shards.seen()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import MANIFEST, check_unchanged, dataset_identity, load_manifest, shard_paths, split_size
+from .format import MANIFEST, ShardFormatError, check_unchanged, dataset_identity, load_manifest, shard_paths, split_size
 from .item_store import ItemStore
 
 PLANNED = Path("<planned>")  # the folder of a dataset that exists nowhere (ShardSet.planned)
@@ -87,8 +87,17 @@ class ShardSet:
         """Each user's training items (CSR: indptr [num_users + 1], items); none in a planned dataset."""
         if self.path == PLANNED:
             return np.zeros(self.num_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        seen = np.load(self.path / "seen.npz")
-        return seen["indptr"], seen["items"]
+        path = self.path / "seen.npz"
+        try:
+            with np.load(path) as seen:  # allow_pickle stays False: an object array is refused
+                indptr, items = seen["indptr"], seen["items"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ShardFormatError(f"{path}: cannot read the users' training items ({e})") from None
+        if (indptr.dtype.kind not in "iu" or items.dtype.kind not in "iu" or indptr.shape != (self.num_users + 1,)
+                or indptr[0] != 0 or indptr[-1] != len(items) or (np.diff(indptr) < 0).any()
+                or (len(items) and (items.min() < 0 or items.max() >= self.num_items))):
+            raise ShardFormatError(f"{path}: not a CSR of {self.num_users} users' training items among {self.num_items} items")
+        return indptr, items
 
     def check_unchanged(self) -> None:
         """Raises ShardFormatError when the folder was rebuilt or replaced since it was opened."""
