@@ -296,7 +296,19 @@ def summarise(study: Study, results: list[dict]) -> list[dict]:
     return rows
 
 
-def write_table(study: Study, rows: list[dict], path: Path) -> None:
+def _not_done(study: Study, results: list[dict]) -> list[str]:
+    """'ROW (seeds ...)' for every row with seeds planned and no result yet."""
+    done = {(r["row"], r["seed"]) for r in results}
+    missing = []
+    for row in study.rows:
+        seeds = [seed for seed in study.seeds_of(row) if (row.name, seed) not in done]
+        if seeds:
+            missing.append(f"{row.name} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
+    return missing
+
+
+def write_table(study: Study, rows: list[dict], every_result: list[dict], path: Path) -> None:
+    """The table, then the machine time the rows done took (unreported rows included) and the row seeds still to run."""
     has_cold = any("cold" in r["eval"] for entry in rows for r in entry["results"])
     columns = [c for c in COLUMNS if has_cold or c[0] != "cold"]
     head = ["family", "row", "seeds", *(c[2] for c in columns)] + (["cold random Recall@20"] if has_cold else [])
@@ -307,7 +319,8 @@ def write_table(study: Study, rows: list[dict], path: Path) -> None:
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for entry in rows:
         row, results = entry["row"], entry["results"]
-        cells = [row.family, row.name, str(len(results))]
+        planned = len(study.seeds_of(row))
+        cells = [row.family, row.name, str(len(results)) if len(results) == planned else f"{len(results)} of {planned}"]
         for split, metric, _ in columns:
             values = [r["eval"][split][metric] for r in results if split in r["eval"]]
             cells.append(_cell(values) if values else "-")
@@ -320,6 +333,10 @@ def write_table(study: Study, rows: list[dict], path: Path) -> None:
         speeds = [r["samples_per_s"] for r in results if r.get("samples_per_s")]
         cells.append(_cell(speeds, 0) if speeds else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Wall time of the row seeds done, summed (each as run, rows that only feed others included): "
+                  f"{sum(r['wall_s'] for r in every_result) / 60:.1f} min."]
+    missing = _not_done(study, every_result)
+    lines.append("Not done yet: " + "; ".join(missing) + "." if missing else "Every row seed is done.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -354,6 +371,6 @@ def write_chart(study: Study, rows: list[dict], path: Path) -> None:
 def report(study: Study, results: list[dict]) -> tuple[Path, Path]:
     rows = summarise(study, results)
     table, chart = study.out / "study.md", study.out / "study.png"
-    write_table(study, rows, table)
+    write_table(study, rows, results, table)
     write_chart(study, rows, chart)
     return table, chart

@@ -69,7 +69,22 @@ def test_table_and_chart(study):
     table = (out / "study.md").read_text()
     assert "| baselines | MostPop | 1 |" in table and f"| two-tower | {END_TO_END} | 1 |" in table
     assert "test NDCG@10" in table and "valid/ndcg@10" in table
+    assert "Every row seed is done." in table
+    wall = sum(r["wall_s"] for r in done_results(load_study(path))) / 60
+    assert f"Wall time of the row seeds done, summed (each as run, rows that only feed others included): {wall:.1f} min." in table
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_partial_study_says_what_is_not_done(study, tmp_path):
+    path, _, _ = study
+    rows = yaml.safe_load(path.read_text())["rows"]
+    rows[1]["seeds"] = [0, 1, 2]  # seed 0 done, 1 and 2 not
+    more = tmp_path / "more-seeds.yaml"
+    more.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "rows": rows}))
+    assert load_program("tools/study.py").main([str(more), "--report"]) == 0
+    table = (load_study(more).out / "study.md").read_text()
+    assert f"| two-tower | {END_TO_END} | 1 of 3 |" in table and "| baselines | MostPop | 1 |" in table
+    assert table.rstrip().endswith(f"Not done yet: {END_TO_END} (seeds 1, 2).")
 
 
 def test_done_rows_are_skipped_and_a_cut_row_resumes(study):
