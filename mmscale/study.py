@@ -6,6 +6,7 @@ point continues with what is not done; a row cut short resumes from its latest c
 STUDY.yaml (paths relative to the working directory):
     title: ml100k-mm paradigms
     out: runs/study-ml100k                # rows/<row>/seed<N>/ (each a run folder), study.md, study.png
+    report_name: study                    # optional: NAME.md and NAME.png in out, for studies that share one out
     shards: build/ml100k-seq              # data.shards of every row
     metric: valid/ndcg@10                 # early stopping and the choice of evaluation
     set: [train.patience=3]               # --set overrides of every trained row
@@ -83,6 +84,7 @@ class Study:
     set: list[str]
     seeds: list[int]
     rows: list[Row]
+    report_name: str = "study"
 
     def seeds_of(self, row: Row) -> list[int]:
         return row.seeds if row.seeds is not None else self.seeds
@@ -117,7 +119,7 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(f"{path}: not YAML ({e})") from None
     if not isinstance(spec, dict):
         raise StudyError(f"{path}: a mapping with out, shards and rows")
-    unknown = set(spec) - {"title", "out", "shards", "metric", "set", "seeds", "rows"}
+    unknown = set(spec) - {"title", "out", "shards", "metric", "set", "seeds", "rows", "report_name"}
     if unknown:
         raise StudyError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
     for key in ("out", "shards", "rows"):
@@ -154,8 +156,12 @@ def load_study(path: str | Path) -> Study:
     metric = spec.get("metric", "valid/ndcg@10")
     if not isinstance(metric, str) or not metric.startswith("valid/"):
         raise StudyError(f"{path}: metric {metric!r}: rows are chosen on validation only (e.g. valid/ndcg@10)")
+    report_name = spec.get("report_name", "study")
+    if not isinstance(report_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", report_name):
+        raise StudyError(f"{path}: report_name {report_name!r}: a file name without a folder (letters, digits, . _ -)")
     return Study(path, str(spec.get("title", path.stem)), Path(spec["out"]), Path(spec["shards"]), metric,
-                 _strings(spec.get("set"), f"{path}: set"), _seeds(spec.get("seeds"), f"{path}: seeds") or [0], rows)
+                 _strings(spec.get("set"), f"{path}: set"), _seeds(spec.get("seeds"), f"{path}: seeds") or [0], rows,
+                 report_name)
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -370,7 +376,7 @@ def write_chart(study: Study, rows: list[dict], path: Path) -> None:
 
 def report(study: Study, results: list[dict]) -> tuple[Path, Path]:
     rows = summarise(study, results)
-    table, chart = study.out / "study.md", study.out / "study.png"
+    table, chart = study.out / f"{study.report_name}.md", study.out / f"{study.report_name}.png"
     write_table(study, rows, results, table)
     write_chart(study, rows, chart)
     return table, chart

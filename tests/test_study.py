@@ -79,12 +79,15 @@ def test_a_partial_study_says_what_is_not_done(study, tmp_path):
     path, _, _ = study
     rows = yaml.safe_load(path.read_text())["rows"]
     rows[1]["seeds"] = [0, 1, 2]  # seed 0 done, 1 and 2 not
-    more = tmp_path / "more-seeds.yaml"
-    more.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "rows": rows}))
+    more = tmp_path / "more-seeds.yaml"  # sharing the study's out and rows, with its own table and chart
+    more.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "rows": rows, "report_name": "more-seeds"}))
+    out = load_study(more).out
+    first_table = (out / "study.md").read_text()
     assert load_program("tools/study.py").main([str(more), "--report"]) == 0
-    table = (load_study(more).out / "study.md").read_text()
+    table = (out / "more-seeds.md").read_text()
     assert f"| two-tower | {END_TO_END} | 1 of 3 |" in table and "| baselines | MostPop | 1 |" in table
     assert table.rstrip().endswith(f"Not done yet: {END_TO_END} (seeds 1, 2).")
+    assert (out / "more-seeds.png").is_file() and (out / "study.md").read_text() == first_table
 
 
 def test_done_rows_are_skipped_and_a_cut_row_resumes(study):
@@ -114,6 +117,14 @@ def test_done_rows_are_skipped_and_a_cut_row_resumes(study):
 def test_bad_study_files_are_refused(tmp_path, rows, message):
     path = write_study(tmp_path / "s.yaml", tmp_path, tmp_path / "out", rows)
     with pytest.raises(StudyError, match=message):
+        load_study(path)
+
+
+@pytest.mark.parametrize("name", ["../study", "/tmp/x", "", 3])
+def test_a_report_name_outside_the_out_folder_is_refused(tmp_path, name):
+    path = write_study(tmp_path / "s.yaml", tmp_path, tmp_path / "out", [{"name": "x", "baseline": "mostpop"}])
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "report_name": name}))
+    with pytest.raises(StudyError, match="report_name"):
         load_study(path)
 
 
