@@ -347,28 +347,36 @@ def write_table(study: Study, rows: list[dict], every_result: list[dict], path: 
 
 
 def write_chart(study: Study, rows: list[dict], path: Path) -> None:
-    """Test NDCG@10 per row (mean, std error bars), coloured by family."""
+    """Test NDCG@10 per row (mean, std error bars), coloured by family; beside it, where the data has cold items, cold
+    Recall@20 among the cold items with random's as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    names = [entry["row"].name for entry in rows]
-    stats = [_mean_std([r["eval"]["test"]["ndcg@10"] for r in entry["results"]]) for entry in rows]
+    panels = [("test", "ndcg@10", "test NDCG@10 at the best validation evaluation")]
+    if any("cold" in r["eval"] for entry in rows for r in entry["results"]):
+        panels.append(("cold", "recall@20", "cold Recall@20 among the cold items (dashed: random)"))
     families = list(dict.fromkeys(entry["row"].family for entry in rows))
     palette = plt.get_cmap("tab10")
-    colours = [palette(families.index(entry["row"].family) % 10) for entry in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 6 * len(panels), 0.45 * len(rows) + 1.6), sharey=True, squeeze=False)
     y = list(range(len(rows)))[::-1]
-    errors = [s or 0.0 for _, s in stats]
-    ax.barh(y, [m for m, _ in stats], xerr=errors if any(errors) else None, color=colours, capsize=3)
-    ax.set_yticks(y, names)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("test NDCG@10 at the best validation evaluation (error bars: std over seeds)")
-    ax.set_title("\n".join(textwrap.wrap(study.title, 80)), fontsize="medium")
-    ax.legend(handles=[Patch(color=palette(i % 10), label=family or "-") for i, family in enumerate(families)],
-              loc="upper right", fontsize="small")
+    for ax, (split, metric, label) in zip(axes[0], panels):
+        shown = [(position, entry) for position, entry in zip(y, rows) if all(split in r["eval"] for r in entry["results"])]
+        stats = [_mean_std([r["eval"][split][metric] for r in entry["results"]]) for _, entry in shown]
+        errors = [s or 0.0 for _, s in stats]
+        ax.barh([position for position, _ in shown], [m for m, _ in stats], xerr=errors if any(errors) else None, capsize=3,
+                color=[palette(families.index(entry["row"].family) % 10) for _, entry in shown])
+        if split == "cold":
+            random = [r["eval"]["cold"]["random_recall@20"] for _, entry in shown for r in entry["results"]]
+            ax.axvline(_mean_std(random)[0], color="black", linestyle="--", linewidth=1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel(f"{label}\n(error bars: std over seeds)")
+    axes[0][0].set_yticks(y, [entry["row"].name for entry in rows])
+    axes[0][0].legend(handles=[Patch(color=palette(i % 10), label=family or "-") for i, family in enumerate(families)],
+                      loc="upper right", fontsize="small")
+    fig.suptitle("\n".join(textwrap.wrap(study.title, 80)), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,7 +12,7 @@ import yaml
 from helpers.programs import load_program
 
 from mmscale.models import pretrained as P
-from mmscale.study import StudyError, done_results, load_study, run_study
+from mmscale.study import StudyError, done_results, load_study, run_study, write_chart
 
 REPO = Path(__file__).resolve().parents[1]
 END_TO_END = "two-tower end_to_end (MiniLM + EfficientNet)"
@@ -118,6 +118,16 @@ def test_bad_study_files_are_refused(tmp_path, rows, message):
     path = write_study(tmp_path / "s.yaml", tmp_path, tmp_path / "out", rows)
     with pytest.raises(StudyError, match=message):
         load_study(path)
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_the_chart_shows_cold_recall_where_the_data_has_cold_items(tmp_path, cold):
+    study = load_study(write_study(tmp_path / "s.yaml", tmp_path, tmp_path / "out", [{"name": "x", "baseline": "mostpop"}]))
+    evaluation = {"test": {"ndcg@10": 0.05}, **({"cold": {"recall@20": 0.4, "random_recall@20": 0.2}} if cold else {})}
+    write_chart(study, [{"row": study.rows[0], "results": [{"eval": evaluation}]}], tmp_path / "chart.png")
+    header = (tmp_path / "chart.png").read_bytes()[:24]
+    width = int.from_bytes(header[16:20], "big")  # the PNG's IHDR: 4 + 6 inches a panel at 120 dpi
+    assert width == (16 if cold else 10) * 120
 
 
 @pytest.mark.parametrize("name", ["../study", "/tmp/x", "", 3])
