@@ -356,7 +356,7 @@ def write_chart(study: Study, rows: list[dict], path: Path) -> None:
     from matplotlib.patches import Patch
 
     panels = [("test", "ndcg@10", "test NDCG@10 at the best validation evaluation")]
-    if any("cold" in r["eval"] for entry in rows for r in entry["results"]):
+    if any(all("cold" in r["eval"] for r in entry["results"]) for entry in rows):
         panels.append(("cold", "recall@20", "cold Recall@20 among the cold items (dashed: random)"))
     families = list(dict.fromkeys(entry["row"].family for entry in rows))
     palette = plt.get_cmap("tab10")
