@@ -82,6 +82,7 @@ def test_a_partial_study_says_what_is_not_done(study, tmp_path):
     more = tmp_path / "more-seeds.yaml"  # sharing the study's out and rows, with its own table and chart
     more.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "rows": rows, "report_name": "more-seeds"}))
     out = load_study(more).out
+    assert load_program("tools/study.py").main([str(path), "--report"]) == 0
     first_table = (out / "study.md").read_text()
     assert load_program("tools/study.py").main([str(more), "--report"]) == 0
     table = (out / "more-seeds.md").read_text()
