@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from collections import Counter, defaultdict
@@ -66,7 +67,8 @@ def all_files(folder: Path) -> dict[str, bytes]:
     """Every file's bytes; the manifest without its build record (time, memory and disk of that build)."""
     files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     manifest = json.loads(files[MANIFEST])
-    assert set(manifest.pop("build")) == {"seconds", "peak_rss_mb", "temp_disk_mb", "writers", "nodes", "executor", "stage_seconds"}
+    assert set(manifest.pop("build")) == {"seconds", "peak_rss_mb", "temp_disk_mb", "writers", "nodes", "executor", "stage_seconds",
+                                          "stage_peak_rss_mb"}
     files[MANIFEST] = json.dumps(manifest, sort_keys=True).encode()
     return files
 
@@ -558,6 +560,13 @@ def test_output_does_not_depend_on_the_number_of_writers_or_the_memory_limit(sma
     assert all_files(tmp_path / "two") == all_files(one)
 
 
+def test_the_manifest_records_each_stage_peak_rss(small_world):
+    """Which stage holds the build process's memory at its peak (its RSS sampled from /proc during the build)."""
+    build = small_world[2]["build"]
+    assert list(build["stage_peak_rss_mb"]) == list(build["stage_seconds"]) == ["scan", "relate", "images", "split", "items", "samples"]
+    assert all(0 < peak <= build["peak_rss_mb"] for peak in build["stage_peak_rss_mb"].values()), build
+
+
 def test_planning_and_writing_in_small_pieces_give_the_same_bytes(small_world, tmp_path, monkeypatch):
     from mmscale.build import relational, writers
 
@@ -604,6 +613,7 @@ def test_a_plan_only_build_lists_the_shards_a_build_writes_and_writes_nothing(sm
     printed = capsys.readouterr().out
     train_bytes = sum(s["bytes"] for s in manifest["shards"]["train"])
     assert f"train {len(manifest['shards']['train'])} ({train_bytes / 1e9:.2f} GB)" in printed and "is unchanged" in printed
+    assert re.search(r"stages: scan [\d.]+ s \([\d,]+ MiB\), relate ", printed), printed
 
 
 def test_train_order_is_the_md5_of_seed_user_and_position(small_world, shard_reader):

@@ -155,7 +155,7 @@ def build(repo: Path, world: Path, out: Path, args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "interactions": manifest["counts"]["raw"]["interactions"], "samples": sum(manifest["counts"]["samples"].values()),
             "peak_rss_mb": round(peak_kib / 1024), "temp_disk_mb": manifest.get("build", {}).get("temp_disk_mb"),
             "output_gb": folder_bytes(out) / 1e9, "items_gb": folder_bytes(out / "items") / 1e9,
-            "stage_seconds": manifest.get("build", {}).get("stage_seconds")}
+            "stage_seconds": manifest.get("build", {}).get("stage_seconds"), "stage_peak_rss_mb": manifest.get("build", {}).get("stage_peak_rss_mb")}
 
 
 def main(argv: list[str] | None = None) -> None:

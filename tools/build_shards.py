@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"build: {build['seconds']:.1f} s, {counts['raw']['interactions'] / max(build['seconds'], 1e-9):,.0f} interactions/s; "
           f"peak RSS {build['peak_rss_mb']:,} MiB (largest process), temporary disk {build['temp_disk_mb']:,} MiB; "
           f"{build['writers']} writers on {build['nodes']} node(s)")
-    print("stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in build['stage_seconds'].items()))
+    peaks = build.get("stage_peak_rss_mb", {})
+    print("stages: " + ", ".join(
+        f"{stage} {seconds:.1f} s" + (f" ({peaks[stage]:,} MiB)" if stage in peaks else "") for stage, seconds in build["stage_seconds"].items()))
     print(f"plan only: {args.out_dir} is unchanged" if args.plan_only else f"wrote {args.out_dir}/manifest.json")
     return 0
 

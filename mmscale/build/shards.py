@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import threading
 import time
 import zipfile
 from contextlib import contextmanager
@@ -143,8 +144,8 @@ def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> d
         staging.mkdir(parents=True)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        disk = _DiskPeak(work)
-        manifest = _stages(raw_dir, staging, work, opts, executor, disk, stage_seconds := {})
+        disk, memory = _DiskPeak(work), _StageMemory()
+        manifest = _stages(raw_dir, staging, work, opts, executor, disk, memory, stage_seconds := {})
     except duckdb.OutOfMemoryException as e:
         raise BuildError(f"the relational stage needs more memory than memory_limit_mb={opts.memory_limit_mb} (--memory-limit) "
                          f"allows: {_describe(e)}; {out_dir} is unchanged") from e
@@ -152,12 +153,15 @@ def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> d
         free = shutil.disk_usage(staging.parent).free / 2**20
         raise BuildError(f"writing {out_dir} failed: {_describe(e)} ({free:.0f} MiB free there); {out_dir} is unchanged") from e
     finally:
+        memory.stop()
         executor.close()
         shutil.rmtree(work, ignore_errors=True)
     own, children = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     manifest["build"] = {"seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(max(own, children)),
                          "temp_disk_mb": round(disk.peak / 2**20), "writers": executor.workers, "nodes": len(executor.nodes),
                          "executor": "ray" if opts.ray_address else "local", "stage_seconds": stage_seconds}
+    if memory.peaks:
+        manifest["build"]["stage_peak_rss_mb"] = memory.peaks
     if opts.plan_only:
         return manifest
     report = manifest.pop("bad_input_report")
@@ -193,6 +197,38 @@ class _DiskPeak:
         self.peak = max(self.peak, used)
 
 
+class _StageMemory:
+    """The build process's peak RSS in each stage (where DuckDB and the planning run; the writers are other
+    processes), from /proc/self/status sampled every 0.1 s by a thread: the kernel's own high-water mark covers the
+    whole run, and resetting it would corrupt the build's and its parent's getrusage peak. Absent off Linux."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+        self._peak, self._done = 0, threading.Event()
+        if self._rss_kib() is not None:
+            threading.Thread(target=self._watch, name="stage-memory", daemon=True).start()
+
+    @staticmethod
+    def _rss_kib() -> int | None:
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            return None
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.1):
+            self._peak = max(self._peak, self._rss_kib() or 0)
+
+    def finished(self, stage: str) -> None:
+        current = self._rss_kib()
+        if current is not None:
+            self.peaks[stage], self._peak = round(max(self._peak, current) / 1024), current
+
+    def stop(self) -> None:
+        self._done.set()
+
+
 def _scan(scanner, path: Path, fmt: RawFormat, strict: bool, job) -> Ledger:
     (start, end, first_line), out = job
     return scanner(path, fmt, start, end, first_line, out, strict)
@@ -210,14 +246,15 @@ def _scan_file(scanner, path: Path, skip_lines: int, work: Path, opts: BuildOpti
 
 
 def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, executor: Executor, disk: _DiskPeak,
-            stage_seconds: dict[str, float]) -> dict:
-    """Runs the build's stages, recording each one's wall time in `stage_seconds`."""
+            memory: _StageMemory, stage_seconds: dict[str, float]) -> dict:
+    """Runs the build's stages, recording each one's wall time in `stage_seconds` and its peak RSS in `memory`."""
     fmt, progress = opts.raw_format, opts.progress
     clock = time.monotonic()
 
     def finished(stage: str) -> None:
         nonlocal clock
         stage_seconds[stage], clock = round(time.monotonic() - clock, 1), time.monotonic()
+        memory.finished(stage)
     ledger = Ledger(strict=opts.strict)
     max_bytes = int(opts.shard_size_mb * 2**20)
 
