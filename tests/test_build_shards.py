@@ -362,6 +362,24 @@ def test_k_core_users_only_keeps_the_whole_catalogue(tiny_raw, shard_reader, tmp
     assert user_sequences_from_shards(out, shard_reader) == {u: plan[u] for u in ("1", "2", "3")}
 
 
+@pytest.mark.parametrize("min_item", [0, 2])
+def test_the_k_core_runs_in_a_memory_limit_two_joins_at_once_ran_out_of(tmp_path, min_item):
+    """The k-core with one semi join a statement: 3M interactions (80K users, 300K items) within 24 MB, where one
+    statement joining on users and items at once ran out of memory (as it ran out of 512 MB on 100M interactions)."""
+    from mmscale.build.raw import Ledger, RawFormat
+    from mmscale.build.relational import Relations
+
+    n, users, items = 3_000_000, 80_000, 300_000
+    relations = Relations(tmp_path, RawFormat(), tmp_path, Ledger(), memory_limit_mb=24, threads=2)
+    try:
+        relations.db.execute(f"CREATE TABLE rows AS SELECT r AS line, 'u' || ((r * 2654435761) % {users}) AS user, "
+                             f"'i' || ((r * 40503) % {items}) AS item, r::DOUBLE AS ts, 4.0 AS rating FROM range({n}) t(r)")
+        relations.filter(None, 3, min_item)  # every user has 37 or 38 interactions and every item 10
+        assert relations.kept_interactions() == n
+    finally:
+        relations.close()
+
+
 # =================================================================================================
 # Planted bad input
 # =================================================================================================
