@@ -139,12 +139,13 @@ def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> d
     shutil.rmtree(staging, ignore_errors=True)  # a crashed build's leftovers (the caller holds the lock)
     # The pool is forked before DuckDB starts its threads.
     executor = RayExecutor(opts.ray_address) if opts.ray_address else LocalExecutor(opts.workers)
+    memory = _StageMemory()  # its thread starts after the fork
     work = Path(opts.work_dir) / f"{out_dir.name}.work" if opts.work_dir else staging / ".work"
     try:
         staging.mkdir(parents=True)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        disk, memory = _DiskPeak(work), _StageMemory()
+        disk = _DiskPeak(work)
         manifest = _stages(raw_dir, staging, work, opts, executor, disk, memory, stage_seconds := {})
     except duckdb.OutOfMemoryException as e:
         raise BuildError(f"the relational stage needs more memory than memory_limit_mb={opts.memory_limit_mb} (--memory-limit) "
