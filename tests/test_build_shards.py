@@ -585,6 +585,23 @@ def test_the_manifest_records_each_stage_peak_rss(small_world):
     assert all(0 < peak <= build["peak_rss_mb"] for peak in build["stage_peak_rss_mb"].values()), build
 
 
+def test_a_build_that_cannot_make_its_staging_folder_says_so(small_world, tmp_path, monkeypatch):
+    from mmscale.build.shards import BuildError
+
+    raw, _, _, opts = small_world
+
+    mkdir = Path.mkdir
+
+    def refuse_staging(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_staging)
+    with pytest.raises(BuildError, match=r"Permission denied.*out is unchanged"):
+        build_shards(raw, tmp_path / "out", BuildOptions(workers=1, **opts))
+
+
 def test_planning_and_writing_in_small_pieces_give_the_same_bytes(small_world, tmp_path, monkeypatch):
     from mmscale.build import relational, writers
 
