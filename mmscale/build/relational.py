@@ -31,6 +31,7 @@ from .raw import BadInputError, Ledger, RawFormat
 
 CHUNK_ROWS = 1 << 22  # rows per fetch when a table is exported to numpy: bounds the memory of every export
 PLAN_ROWS = 1 << 20  # samples per chunk while planning the shards (with their header sizes: ~100 MB)
+TEXT_ROWS = 1 << 16  # items per string joined into the history text: a whole chunk's 4M Python strings held 600 MiB
 
 
 def natural_order(column: str) -> str:
@@ -238,7 +239,8 @@ class Relations:
                 sums = total + np.cumsum(decimal_digits(chunk["i"]))
                 digits(sums)
                 total = int(sums[-1]) if len(sums) else total
-                text.write("".join(f"{i}, " for i in chunk["i"].tolist()).encode())
+                for start in range(0, len(chunk["i"]), TEXT_ROWS):
+                    text.write("".join(f"{i}, " for i in chunk["i"][start:start + TEXT_ROWS].tolist()).encode())
 
     def write_seen(self, path: Path) -> None:
         """seen.npz: each user's training items (warm items before valid and test), sorted, as CSR."""
