@@ -85,6 +85,7 @@ class Study:
     seeds: list[int]
     rows: list[Row]
     report_name: str = "study"
+    overrides: str = ""  # the command line's replacements of the file's title, out and shards, as the table states them
 
     def seeds_of(self, row: Row) -> list[int]:
         return row.seeds if row.seeds is not None else self.seeds
@@ -109,7 +110,9 @@ def _seeds(value, where: str) -> list[int] | None:
     return value
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, title: str | None = None, out: str | Path | None = None,
+               shards: str | Path | None = None) -> Study:
+    """The study file at `path`; `title`, `out` and `shards` replace the file's (its rows run on other data as they are)."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"{path}: no such study file")
@@ -159,9 +162,12 @@ def load_study(path: str | Path) -> Study:
     report_name = spec.get("report_name", "study")
     if not isinstance(report_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", report_name):
         raise StudyError(f"{path}: report_name {report_name!r}: a file name without a folder (letters, digits, . _ -)")
+    replaced = {"title": title, "out": out, "shards": shards}
+    overrides = " ".join(f"--{key} {value}" if key != "title" else f"--title {value!r}" for key, value in replaced.items() if value is not None)
+    spec.update({key: value for key, value in replaced.items() if value is not None})
     return Study(path, str(spec.get("title", path.stem)), Path(spec["out"]), Path(spec["shards"]), metric,
                  _strings(spec.get("set"), f"{path}: set"), _seeds(spec.get("seeds"), f"{path}: seeds") or [0], rows,
-                 report_name)
+                 report_name, overrides)
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -321,7 +327,8 @@ def write_table(study: Study, rows: list[dict], every_result: list[dict], path: 
     head += ["best step", "wall (min)", "samples/s"]
     lines = [f"# {study.title}", "",
              f"Data: `{study.shards}`. Every trained row early-stops on {study.metric} and reports the evaluation of its "
-             f"best {study.metric} (never chosen on test). Mean ± std over seeds. Study file: `{study.path}`.", "",
+             f"best {study.metric} (never chosen on test). Mean ± std over seeds. Study file: `{study.path}`"
+             + (f" with `{study.overrides}`." if study.overrides else "."), "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for entry in rows:
         row, results = entry["row"], entry["results"]

@@ -107,6 +107,21 @@ def test_done_rows_are_skipped_and_a_cut_row_resumes(study):
     assert done_results(loaded) == again
 
 
+def test_a_study_file_runs_on_other_shards_into_another_folder(world_shards, tmp_path):
+    """--shards, --out and --title replace the file's: the rows run on the other shards, into the other folder, and
+    the table says how it was made."""
+    path = write_study(tmp_path / "s.yaml", tmp_path / "not-built", tmp_path / "file-out",
+                       [{"name": "MostPop", "family": "baselines", "baseline": "mostpop"}])
+    out = tmp_path / "other-out"
+    assert load_program("tools/study.py").main([str(path), "--shards", str(world_shards), "--out", str(out),
+                                                "--title", "the world"]) == 0
+    table = (out / "study.md").read_text()
+    assert table.startswith("# the world\n") and f"Data: `{world_shards}`." in table
+    assert f"Study file: `{path}` with `--title 'the world' --out {out} --shards {world_shards}`." in table
+    assert "| baselines | MostPop | 1 |" in table and (out / "rows" / "mostpop" / "seed0" / "result.json").is_file()
+    assert not (tmp_path / "file-out").exists()
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"name": "x"}], "give either config"),
     ([{"name": "x", "baseline": "popular"}], "unknown baseline 'popular'"),
