@@ -162,9 +162,9 @@ def load_study(path: str | Path, title: str | None = None, out: str | Path | Non
     report_name = spec.get("report_name", "study")
     if not isinstance(report_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", report_name):
         raise StudyError(f"{path}: report_name {report_name!r}: a file name without a folder (letters, digits, . _ -)")
-    replaced = {"title": title, "out": out, "shards": shards}
-    overrides = " ".join(f"--{key} {value}" if key != "title" else f"--title {value!r}" for key, value in replaced.items() if value is not None)
-    spec.update({key: value for key, value in replaced.items() if value is not None})
+    replaced = {key: value for key, value in (("title", title), ("out", out), ("shards", shards)) if value is not None}
+    spec.update(replaced)
+    overrides = " ".join(f"--{key} {value!r}" if key == "title" else f"--{key} {value}" for key, value in replaced.items())
     return Study(path, str(spec.get("title", path.stem)), Path(spec["out"]), Path(spec["shards"]), metric,
                  _strings(spec.get("set"), f"{path}: set"), _seeds(spec.get("seeds"), f"{path}: seeds") or [0], rows,
                  report_name, overrides)
