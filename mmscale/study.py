@@ -254,6 +254,17 @@ def _run_training(study: Study, row: Row, seed: int, run_dir: Path, log: Callabl
             "samples_per_s": speeds[len(speeds) // 2] if speeds else None}  # the median logging window
 
 
+def _check_data(study: Study, row: Row, run_dir: Path) -> None:
+    """A run folder begun on other shards (say, the same out folder with another --shards) is never reused or reported."""
+    for recorded in (run_dir / RESULT, run_dir / "config.json"):
+        if recorded.is_file():
+            spec = json.loads(recorded.read_text())
+            shards = spec.get("shards", spec.get("data", {}).get("shards"))
+            if shards is not None and Path(shards) != study.shards:
+                raise StudyError(f"row {row.name!r}: {run_dir} holds a run on {shards}, not on {study.shards}: give the "
+                                 f"study another out folder (--out) for other shards")
+
+
 def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     """Runs every row seed not yet done; returns all results (done before or now), in the study's order."""
     study.out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +272,7 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
     for row in study.rows:
         for seed in study.seeds_of(row):
             run_dir = study.run_dir(row, seed)
+            _check_data(study, row, run_dir)
             done = run_dir / RESULT
             if done.is_file():
                 log(f"{row.name} (seed {seed}): done before, skipped")
@@ -268,7 +280,7 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
                 log(f"{row.name} (seed {seed}): running into {run_dir}")
                 run_dir.mkdir(parents=True, exist_ok=True)
                 result = _run_baseline(study) if row.baseline else _run_training(study, row, seed, run_dir, log)
-                _write_json(done, {"row": row.name, "family": row.family, "seed": seed, **result})
+                _write_json(done, {"row": row.name, "family": row.family, "seed": seed, "shards": str(study.shards), **result})
                 log(f"{row.name} (seed {seed}): {_headline(result) or 'done (a step for other rows, not reported)'}")
             results.append(json.loads(done.read_text()))
     return results
@@ -276,6 +288,9 @@ def run_study(study: Study, log: Callable[[str], None] = print) -> list[dict]:
 
 def done_results(study: Study) -> list[dict]:
     """The results of the row seeds done so far, in the study's order."""
+    for row in study.rows:
+        for seed in study.seeds_of(row):
+            _check_data(study, row, study.run_dir(row, seed))
     files = [study.run_dir(row, seed) / RESULT for row in study.rows for seed in study.seeds_of(row)]
     return [json.loads(f.read_text()) for f in files if f.is_file()]
 

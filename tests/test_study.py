@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_done_rows_are_skipped_and_a_cut_row_resumes(study):
     assert done_results(loaded) == again
 
 
-def test_a_study_file_runs_on_other_shards_into_another_folder(world_shards, tmp_path):
+def test_a_study_file_runs_on_other_shards_into_another_folder(world_shards, tmp_path, capsys):
     """--shards, --out and --title replace the file's: the rows run on the other shards, into the other folder, and
     the table says how it was made."""
     path = write_study(tmp_path / "s.yaml", tmp_path / "not-built", tmp_path / "file-out",
@@ -120,6 +121,10 @@ def test_a_study_file_runs_on_other_shards_into_another_folder(world_shards, tmp
     assert f"Study file: `{path}` with `--title 'the world' --out {out} --shards {world_shards}`." in table
     assert "| baselines | MostPop | 1 |" in table and (out / "rows" / "mostpop" / "seed0" / "result.json").is_file()
     assert not (tmp_path / "file-out").exists()
+    # the same folder on other shards: its rows are not taken as done (nor reported) for them
+    for args in ([], ["--report"]):
+        assert load_program("tools/study.py").main([str(path), "--shards", str(tmp_path), "--out", str(out), *args]) == 2
+        assert re.search(r"row 'MostPop': .* holds a run on .*, not on .*--out", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("rows, message", [
