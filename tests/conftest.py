@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gzip
 import io
 import json
 import os
@@ -258,9 +259,9 @@ def read_tar(path: Path, only: tuple[str, ...] | None = None) -> list[dict]:
     """Samples of one shard in file order: {"__key__": key, ext: bytes, ...}.
 
     A minimal reader of the builder's USTAR output (5x faster than `tarfile` on the ~1.5 GB
-    ml100k train split): members not in `only` are skipped with a seek."""
+    ml100k train split): members not in `only` are skipped with a seek; a .tar.gz through gzip."""
     samples: dict[str, dict] = {}
-    with open(path, "rb") as f:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         while True:
             header = f.read(512)
             if len(header) < 512 or header.count(0) == 512:

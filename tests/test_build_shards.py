@@ -3,6 +3,7 @@ filters, the bad-input ledger (and --strict), determinism and safe replacement o
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -683,6 +684,41 @@ def test_a_plan_only_build_lists_the_shards_a_build_writes_and_writes_nothing(sm
     assert re.search(r"stages: scan [\d.]+ s \([\d,]+ MiB\), relate ", printed), printed
 
 
+def test_ids_only_samples_are_gzip_compressed_tars_with_the_same_samples(small_world, shard_reader, tmp_path, capsys):
+    """A tar member takes at least 1 KiB, several times an ids-only sample's JSON: those shards are written through
+    gzip, deterministically (1 or 2 writers, the same bytes), planned by their tar bytes, and read by the stream."""
+    from mmscale.data.stream import InteractionStream
+
+    raw, one, manifest, opts = small_world
+    built = {w: build_shards(raw, tmp_path / f"ids-{w}", BuildOptions(workers=w, embed_target_content=False, **opts)) for w in (1, 2)}
+    ids = tmp_path / "ids-2"
+    assert all_files(tmp_path / "ids-1") == all_files(ids)
+    for split in ("train", "valid", "test", "cold"):
+        embedded = shard_reader.split(one, manifest, split, only=("json",))
+        assert shard_reader.split(ids, built[2], split) == [{"__key__": s["__key__"], "json": s["json"]} for s in embedded], split
+        shards = built[2]["shards"][split]
+        assert all(s["path"].endswith(".tar.gz") for s in shards)
+        on_disk = sum((ids / s["path"]).stat().st_size for s in shards)
+        assert on_disk == sum(s["bytes"] for s in shards)
+        assert sum(s["tar_bytes"] for s in shards) == sum(len(gzip.decompress((ids / s["path"]).read_bytes())) for s in shards)
+        assert on_disk < 200 * sum(s["samples"] for s in shards), f"{split}: {on_disk} bytes"  # 1 KiB a sample as tar
+    assert built[2]["shards"]["items"] == manifest["shards"]["items"]  # read at offsets: never compressed
+
+    plan = build_shards(raw, tmp_path / "plan", BuildOptions(plan_only=True, embed_target_content=False, **opts))
+    for split, shards in built[2]["shards"].items():
+        assert plan["shards"][split] == [{k: v for k, v in s.items() if k != "bytes" or split == "items"} for s in shards]
+    assert run_cli([str(raw), str(tmp_path / "new"), "--plan-only", "--quiet", "--shard-size-mb", "0.05", "--cold-item-fraction", "0.1",
+                    "--no-target-content"]) == 0
+    tar_gb = sum(s["tar_bytes"] for s in built[2]["shards"]["train"]) / 1e9
+    assert f"train {len(built[2]['shards']['train'])} ({tar_gb:.2f} GB of tar, less once compressed)" in capsys.readouterr().out
+
+    def read(shards: Path) -> list[tuple]:  # every sample, in order of content (the two builds cut shards elsewhere)
+        stream = InteractionStream(shards, "train", 64, None, resampled=False, shuffle_buffer=0, content=False)
+        return sorted((u, t, tuple(h)) for b in stream.batches() for u, t, h in zip(b.users.tolist(), b.targets.tolist(), b.history.tolist()))
+
+    assert read(ids) == read(one) and len(read(ids)) == manifest["counts"]["samples"]["train"]
+
+
 def test_train_order_is_the_md5_of_seed_user_and_position(small_world, shard_reader):
     """The documented train order, which any tool can reproduce: by MD5("seed:user:position") read little-endian."""
     _, one, manifest, _ = small_world
@@ -736,6 +772,14 @@ def test_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
+    compressed = ShardWriter(tmp_path / "ours.tar.gz", compressed=True)
+    for key, members in samples:
+        compressed.write(key, members)
+    compressed.close(ShardTask("train", 0, 0, len(samples), compressed.offset, compressed=True))
+    packed = (tmp_path / "ours.tar.gz").read_bytes()
+    assert gzip.decompress(packed) == (tmp_path / "theirs.tar").read_bytes()
+    assert packed[4:8] == bytes(4) and not packed[3] & 0x08  # no time and no file name: the same bytes on any machine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.tar", "ours.tar.gz", "theirs.tar"]  # no NAME.tmp left
     with pytest.raises(RuntimeError, match="plan"):
         ShardWriter(tmp_path / "short.tar").close(ShardTask("train", 0, 0, 1, 512))
 

@@ -347,6 +347,19 @@ def test_a_train_text_that_is_not_utf8_is_a_counted_corrupt_sample(tiny_raw, tin
     assert sum(int(b.corrupt_samples) for b in batches) == 1
 
 
+def test_a_truncated_compressed_train_shard_gives_its_samples_up_to_the_damage(tiny_raw, tmp_path):
+    out = tmp_path / "out"
+    build_shards(tiny_raw(num_users=40, num_items=10, lengths=[9] * 40).write(tmp_path / "raw"), out,
+                 BuildOptions(embed_target_content=False, **TINY))
+    shard = out / "train" / "train-000000.tar.gz"
+    total = load_manifest(out)["counts"]["samples"]["train"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    stream = InteractionStream(out, "train", 16, None, resampled=False, shuffle_buffer=0, content=False)
+    batches = list(stream.batches())
+    assert 0 < sum(len(b) for b in batches) < total
+    assert sum(int(b.corrupt_samples) for b in batches) == 1  # the damage, counted once; the stream goes on
+
+
 def test_every_train_shard_unreadable_is_a_named_error_not_a_hang(tiny_raw, tiny_preprocess, tmp_path):
     out = tmp_path / "out"
     build_shards(tiny_raw(num_users=12, num_items=10, lengths=[6] * 12).write(tmp_path / "raw"), out, BuildOptions(shard_size_mb=0.002, **TINY))

@@ -147,7 +147,7 @@ def build(repo: Path, world: Path, out: Path, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     if args.plan_only:  # the figures the tool printed, the shard sizes planned
         printed = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
-        planned = {split: float(gb) for split, gb in re.findall(r"(\w+) \d+ \(([\d.]+) GB\)", printed["planned shards"])}
+        planned = {split: float(gb) for split, gb in re.findall(r"(\w+) \d+ \(([\d.]+) GB", printed["planned shards"])}
         return {"seconds": seconds, "interactions": int(re.search(r"'interactions': (\d+)", printed["raw"])[1]),
                 "peak_rss_mb": round(peak_kib / 1024), "temp_disk_mb": int(re.search(r"temporary disk ([\d,]+) MiB", printed["build"])[1].replace(",", "")),
                 "output_gb": sum(planned.values()), "items_gb": planned["items"], "stages": printed["stages"]}

@@ -81,6 +81,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Build
     return args, opts
 
 
+def shard_sizes(shards: list[dict]) -> str:
+    """A split's size on disk; for gzip-compressed shards also their tar bytes, all a plan knows of them."""
+    tar = sum(s.get("tar_bytes", 0) for s in shards) / 1e9
+    if any("bytes" not in s for s in shards):
+        return f"{tar:.2f} GB of tar, less once compressed"
+    written = f"{sum(s['bytes'] for s in shards) / 1e9:.2f} GB"
+    return f"{written}, {tar:.2f} GB of tar" if tar else written
+
+
 def main(argv: list[str] | None = None) -> int:
     args, opts = parse_args(argv)
     try:
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kept: {counts['kept']}  images present {counts['images_present']}, missing {counts['images_missing']}")
     print(f"samples: {counts['samples']}  cold items: {counts['cold_items']}")
     print(("planned shards: " if args.plan_only else "shards: ") + ", ".join(
-        f"{k} {len(v)} ({sum(s['bytes'] for s in v) / 1e9:.2f} GB)" for k, v in manifest["shards"].items()))
+        f"{split} {len(shards)} ({shard_sizes(shards)})" for split, shards in manifest["shards"].items()))
     print(manifest["bad_input_report"])
     build = manifest["build"]
     print(f"build: {build['seconds']:.1f} s, {counts['raw']['interactions'] / max(build['seconds'], 1e-9):,.0f} interactions/s; "

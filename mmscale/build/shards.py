@@ -55,7 +55,7 @@ class BuildOptions:
     min_rating: float | None = None  # keep interactions rated at least this
     cold_item_fraction: float = 0.0  # items held out of training entirely
     max_history: int = 50  # most recent items kept in each sample's history
-    shard_size_mb: float = 256.0
+    shard_size_mb: float = 256.0  # a shard's tar bytes (an ids-only sample shard, gzip-compressed, takes ~10x less)
     embed_target_content: bool = True  # put the target's image and text in each interaction sample
     seed: int = 0
     max_image_mb: float = 64.0  # a larger image file is bad input, never read
@@ -350,7 +350,8 @@ def _stages(raw_dir: Path, staging: Path, work: Path, opts: BuildOptions, execut
                         yield member_sizes(header, *content(chunk["i"]))
 
             samples[split] = relations.sample_count(split)
-            tasks = [ShardTask(split, k, first, count, size) for k, (first, count, size) in enumerate(plan_shards(sample_sizes(), max_bytes))]
+            tasks = [ShardTask(split, k, first, count, size, compressed=not opts.embed_target_content)
+                     for k, (first, count, size) in enumerate(plan_shards(sample_sizes(), max_bytes))]
             shard_lists[split] = [task.planned() for task in tasks] if opts.plan_only else executor.map(
                 partial(write_sample_shard, ctx=ctx), tasks, split, progress, total=samples[split], weight=lambda task: task.count)
         disk.sample()

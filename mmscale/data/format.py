@@ -5,7 +5,8 @@ A shard folder holds:
     user_ids.json, item_ids.json index -> raw id (the id maps)
     items/items-NNNNNN.tar       one sample per item: KEY.json, KEY.txt, KEY.<jpg|png|...>
     items/index.npz              byte offsets of each item's image and text inside the item shards
-    SPLIT/SPLIT-NNNNNN.tar       SPLIT in train, valid, test, cold: one sample per interaction
+    SPLIT/SPLIT-NNNNNN.tar       SPLIT in train, valid, test, cold: one sample per interaction; .tar.gz (gzip) when
+                                 the samples carry ids only
     seen.npz                     each user's training items (CSR), excluded when ranking
 """
 
@@ -16,7 +17,9 @@ import json
 import os
 from pathlib import Path
 
-FORMAT_VERSION = "mmscale-shards/2"  # 2: train samples in a hashed order (the out-of-core build)
+# 2: train samples in a hashed order (the out-of-core build); 3: ids-only samples in gzip-compressed tars
+FORMAT_VERSION = "mmscale-shards/3"
+READABLE_FORMATS = ("mmscale-shards/2", FORMAT_VERSION)  # the readers take both: they tell a shard's compression by its name
 SPLITS = ("train", "valid", "test", "cold")
 IMAGE_KEYS = ("jpg", "png", "webp", "gif", "bmp")
 # uint8 codes for image extensions in the item index; 0 means "no image"
@@ -49,9 +52,10 @@ def load_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ShardFormatError(f"{path}: format {found!r}, expected {FORMAT_VERSION!r}: rebuild it with tools/build_shards.py")
+        raise ShardFormatError(f"{path}: format {found!r}, expected one of {', '.join(READABLE_FORMATS)}: rebuild it with "
+                               f"tools/build_shards.py")
     for split, shards in manifest["shards"].items():
         for shard in shards:
             shard_path = shard_dir / shard["path"]

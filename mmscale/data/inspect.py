@@ -77,7 +77,7 @@ def summary_lines(shard_dir: Path, manifest: dict) -> list[str]:
 def read_samples(shard: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yields the samples (key, {extension: bytes}) of one tar shard in order; a sample's members are adjacent."""
     key, members = None, {}
-    with tarfile.open(shard, "r:") as tar:
+    with tarfile.open(shard, "r:*") as tar:  # .tar or .tar.gz
         for info in tar:
             if not info.isfile():
                 continue
