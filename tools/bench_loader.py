@@ -4,8 +4,9 @@ the item store's random-access latency and memory.
 
     python tools/bench_loader.py SHARD_DIR [--model ViT-B-32] [--workers 1,2] [--batches 30] [--lookups 20000]
 
-Figures are printed last. Two settings: targets only (what the end-to-end recommender
-decodes by default) and targets + history items (history_content). The item store is read at
+Figures are printed last. Three settings: ids only (nothing decoded: what a task on cached features reads,
+where reading the shards is all the work), targets only (what the end-to-end recommender decodes by default)
+and targets + history items (history_content). The item store is read at
 --lookups uniformly random items (image bytes and text each), twice: the first pass touches pages
 that may not be in memory yet (cold unless the page cache already holds the shards), the second
 reads the same items again.
@@ -17,12 +18,16 @@ import argparse
 import time
 
 
-def measure(shard_dir: str, model: str, workers: int, batches: int, batch_size: int, history_content: bool) -> dict:
+CONTENT = ("ids", "targets", "targets+history")
+
+
+def measure(shard_dir: str, model: str, workers: int, batches: int, batch_size: int, content: str) -> dict:
     from mmscale.config import EncoderConfig
     from mmscale.data.stream import InteractionStream, make_loader
     from mmscale.models import build_preprocess
 
-    stream = InteractionStream(shard_dir, "train", batch_size, build_preprocess(EncoderConfig(model=model)), history_content=history_content)
+    stream = InteractionStream(shard_dir, "train", batch_size, build_preprocess(EncoderConfig(model=model)),
+                               history_content=content == "targets+history", content=content != "ids")
     loader = iter(make_loader(stream, workers))
     for _ in range(workers):  # warm-up: workers start and fill their shuffle buffers
         next(loader)
@@ -73,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)  # before the heavy imports: --help is instant
     store = item_store_access(args.shard_dir, args.lookups) if args.lookups else None
     rows = []
-    for history_content in (False, True):
+    for content in CONTENT:
         for workers in (int(w) for w in args.workers.split(",")):
-            r = measure(args.shard_dir, args.model, workers, args.batches, args.batch_size, history_content)
-            rows.append((("targets+history" if history_content else "targets"), workers, r))
+            batches = args.batches * (50 if content == "ids" else 1)  # ids-only batches take well under a millisecond
+            rows.append((content, workers, measure(args.shard_dir, args.model, workers, batches, args.batch_size, content)))
     print(f"{'content':16} {'workers':>7} {'samples/s':>10} {'images/s':>9} {'images/s/worker':>16} {'images/batch':>13}")
     for content, workers, r in rows:
         print(f"{content:16} {workers:7d} {r['samples_per_s']:10.1f} {r['images_per_s']:9.1f} {r['images_per_s'] / workers:16.1f} {r['items_per_batch']:13.1f}")
