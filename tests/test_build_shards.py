@@ -618,6 +618,28 @@ def test_the_manifest_records_each_stage_peak_rss(small_world):
     assert all(0 < peak <= build["peak_rss_mb"] for peak in build["stage_peak_rss_mb"].values()), build
 
 
+def test_the_temporary_disk_counts_files_that_come_and_go_within_a_stage(tiny_raw, tmp_path, monkeypatch):
+    """The work folder's peak (the scanned rows before DuckDB loads them, its spill) can fall inside a stage: it is
+    sampled through the stages, not only at their ends."""
+    import time
+    from mmscale.build import shards
+    from mmscale.build.relational import Relations
+
+    filter_rows = Relations.filter
+
+    def filter_beside_a_passing_file(self, *args):
+        passing = self.work / "passing.bin"
+        passing.write_bytes(bytes(48 << 20))
+        time.sleep(0.5)
+        passing.unlink()
+        return filter_rows(self, *args)
+
+    monkeypatch.setattr(Relations, "filter", filter_beside_a_passing_file)
+    monkeypatch.setattr(shards, "DISK_SAMPLE_SECONDS", 0.05)
+    manifest = build_shards(tiny_raw().write(tmp_path / "raw"), tmp_path / "out", BuildOptions(progress=False, workers=1))
+    assert manifest["build"]["temp_disk_mb"] >= 48, manifest["build"]
+
+
 def test_a_build_that_cannot_make_its_staging_folder_says_so(small_world, tmp_path, monkeypatch):
     from mmscale.build.shards import BuildError
 

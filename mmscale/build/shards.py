@@ -44,6 +44,7 @@ from .writers import (
 SPLITS = ("train", "valid", "test", "cold")
 IMAGE_BATCH = 1024  # images per checking task
 IMAGE_ROUND = 64 * IMAGE_BATCH  # images whose paths and results are in memory at once
+DISK_SAMPLE_SECONDS = 1.0  # how often the work folder's size is summed (a few hundred files at 100M interactions)
 SCAN_BYTES = 64 << 20  # a scan range is at most this long, so progress moves and ranges balance across workers
 
 
@@ -141,11 +142,11 @@ def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> d
     executor = RayExecutor(opts.ray_address) if opts.ray_address else LocalExecutor(opts.workers)
     memory = _StageMemory()  # its thread starts after the fork
     work = Path(opts.work_dir) / f"{out_dir.name}.work" if opts.work_dir else staging / ".work"
+    disk = _DiskPeak(work)
     try:
         staging.mkdir(parents=True)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        disk = _DiskPeak(work)
         manifest = _stages(raw_dir, staging, work, opts, executor, disk, memory, stage_seconds := {})
     except duckdb.OutOfMemoryException as e:
         raise BuildError(f"the relational stage needs more memory than memory_limit_mb={opts.memory_limit_mb} (--memory-limit) "
@@ -155,6 +156,7 @@ def _build(raw_dir: Path, out_dir: Path, staging: Path, opts: BuildOptions) -> d
         raise BuildError(f"writing {out_dir} failed: {_describe(e)} ({free:.0f} MiB free there); {out_dir} is unchanged") from e
     finally:
         memory.stop()
+        disk.stop()
         executor.close()
         shutil.rmtree(work, ignore_errors=True)
     own, children = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
@@ -188,14 +190,29 @@ def _describe(error: Exception) -> str:
 
 
 class _DiskPeak:
-    """The largest size the work folder reached at the end of any stage (DuckDB's spill included)."""
+    """The largest size the work folder reached (DuckDB's spill included): summed by a thread every
+    DISK_SAMPLE_SECONDS and at the end of each stage, since a stage's files can come and go within it (at 100M the
+    scanned rows and DuckDB's copy of them took 15.8 GiB, 2 more than any stage's end)."""
 
     def __init__(self, work: Path):
         self.work, self.peak = work, 0
+        self._lock, self._done = threading.Lock(), threading.Event()
+        threading.Thread(target=self._watch, name="work-disk", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(DISK_SAMPLE_SECONDS):
+            self.sample()
 
     def sample(self) -> None:
-        used = sum(p.stat().st_blocks * 512 for p in self.work.rglob("*") if p.is_file())
-        self.peak = max(self.peak, used)
+        try:
+            used = sum(p.stat().st_blocks * 512 for p in self.work.rglob("*") if p.is_file())
+        except OSError:  # a file removed while summed: the next sample counts
+            return
+        with self._lock:
+            self.peak = max(self.peak, used)
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 class _StageMemory:
