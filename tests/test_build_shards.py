@@ -738,7 +738,8 @@ def test_ids_only_samples_are_gzip_compressed_tars_with_the_same_samples(small_w
         stream = InteractionStream(shards, "train", 64, None, resampled=False, shuffle_buffer=0, content=False)
         return sorted((u, t, tuple(h)) for b in stream.batches() for u, t, h in zip(b.users.tolist(), b.targets.tolist(), b.history.tolist()))
 
-    assert read(ids) == read(one) and len(read(ids)) == manifest["counts"]["samples"]["train"]
+    samples = read(ids)
+    assert samples == read(one) and len(samples) == manifest["counts"]["samples"]["train"]
 
 
 def test_train_order_is_the_md5_of_seed_user_and_position(small_world, shard_reader):
