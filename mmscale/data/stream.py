@@ -61,8 +61,12 @@ class Batch:
     text_tokens: torch.Tensor  # [U, T]
     corrupt_samples: torch.Tensor  # [] samples this worker skipped as corrupt since its last batch
 
-    def to(self, device, non_blocking: bool = True) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+    def to(self, device, float_dtype: torch.dtype | None = None, non_blocking: bool = True) -> "Batch":
+        """On `device`, the float fields (pixels) in `float_dtype` where given: a bf16 model takes bf16 input."""
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, dtype=float_dtype if t.is_floating_point() else None, non_blocking=non_blocking)
+
+        return Batch(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
 
     def pin_memory(self) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

@@ -53,6 +53,8 @@ def build_deepspeed_config(config: Config, world_size: int, bf16: bool, load_uni
         if enabled not in (wanted, "auto"):
             raise ConfigError(f"{path}: {key}.enabled={enabled} contradicts train.precision ({'bf16' if bf16 else 'fp32'} here)")
         ds[key] = {**ds.get(key, {}), "enabled": wanted}
+    if bf16:  # DeepSpeed casts the weights only: BatchNorm's statistics and the task's float buffers follow them
+        ds["data_types"] = {"buffer_dtype": "bf16", **ds.get("data_types", {})}
     ds.setdefault("steps_per_print", 10**9)  # mmscale logs; DeepSpeed's own prints stay quiet
     if load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}

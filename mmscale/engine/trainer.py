@@ -330,7 +330,7 @@ class Trainer:
             corrupt += int(batch.corrupt_samples)  # a CPU tensor from the loader: no device sync
             if self.reduces_in_backward:  # accumulated micro-batches: their sum is averaged once, at the boundary
                 self.task.set_requires_gradient_sync(self.engine.is_gradient_accumulation_boundary())
-            losses = self.engine(batch.to(self.dist.device), gather)
+            losses = self.engine(batch.to(self.dist.device, torch.bfloat16 if self.bf16 else None), gather)
             total = sum(self.task.loss_weights[n] * losses[n] for n in names)
             # One host sync per step: the only way to keep a NaN out of the weights is to look before the update.
             if any_rank(not bool(torch.isfinite(total))):

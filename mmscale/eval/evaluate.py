@@ -70,6 +70,7 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     was_training = task.training
     task.eval()
     mine = _share(n, coll)[0]
+    pixel_dtype = next(task.encoder.parameters()).dtype  # bf16 under train.precision=bf16
     from_cache = encode is None and task.frozen_block_states is not None and task.frozen_block_store == store.identity
     if from_cache:
         ids = torch.tensor(mine, device=device)
@@ -81,7 +82,7 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
         if from_cache:
             encoded = task.cached_content(ids)
         else:
-            images, tokens = part["images"].to(device), part["text_tokens"].to(device)
+            images, tokens = part["images"].to(device, pixel_dtype), part["text_tokens"].to(device)
             encoded = (*(encode or task.encode_content)(images, tokens), part["has_image"].to(device))
         ids = coll.gather(ids)
         if outputs is None:
