@@ -130,6 +130,40 @@ def _accumulate(rank: int, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def _host_side_collectives(rank: int, port: int, out: Path) -> None:
+    """A default group with a backend for CUDA tensors only, as NCCL's is on GPUs, and the gloo host group that
+    init_distributed makes beside it there."""
+    import torch.distributed as dist
+
+    from mmscale.engine import distributed as D
+
+    dist.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    refused = False
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError:
+        refused = True
+    D._host_group = dist.new_group(backend="gloo")
+    # the logging window's reduction (Trainer._log_scalars) and the per-step flags
+    torch.save({"refused": refused, "sum": D.all_reduce_sum(torch.tensor([1.0, rank + 1.0], dtype=torch.float64)),
+                "any": D.any_rank(rank == 1)}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_host_side_collectives_run_where_the_default_group_refuses_cpu_tensors(tmp_path):
+    """On GPUs the default group is NCCL, which refuses CPU tensors: the logging window's sums of losses and counts
+    (CPU tensors) failed at the first log step of every run on two or more GPUs; they travel over the host group."""
+    import torch.multiprocessing as mp
+
+    from mmscale.engine.distributed import free_port
+
+    mp.spawn(_host_side_collectives, args=(free_port(), tmp_path), nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["refused"]  # the stand-in for NCCL refuses a CPU tensor, as NCCL does
+        assert result["sum"].tolist() == [2.0, 3.0] and result["any"] is True
+
+
 def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_path):
     """Stage 0 on several ranks averages gradients in the backward (torch's DDP reducer, not DeepSpeed): accumulated
     micro-batches are averaged once, at the boundary, a parameter one rank did not use in that micro-batch still

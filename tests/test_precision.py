@@ -47,3 +47,51 @@ def test_bf16_trains_and_evaluates_close_to_fp32(one_rank_group, world_shards, v
         assert losses[0][key] == pytest.approx(reference[0][key], rel=0.03, abs=0.02), key
     assert all(math.isfinite(line["loss/total"]) for line in losses)
     assert metrics and all(math.isfinite(v) for v in metrics.values())
+
+
+def test_a_bf16_models_vectors_are_ranked_in_fp32(world_shards, monkeypatch):
+    """User and item vectors in bf16 (a bf16 model's) are scored in fp32: item i scores 64 + (i mod 64) / 128, distinct
+    in fp32, where a bf16 product (8 significant bits) rounds them to steps of 0.5 and ties counted against the target."""
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.eval.evaluate import evaluate, single_process
+    from mmscale.models import build_preprocess
+    from mmscale.tasks import build_task
+    from mmscale.tasks.base import Ranking
+
+    config = case_config("two_tower", str(world_shards), Path("unused"), 2, 16, ["eval.splits=[valid]"])
+    shards = ShardSet.open(world_shards)
+    task = build_task(config, shards)
+    items = torch.ones(shards.num_items, 64)
+    for i in range(shards.num_items):
+        items[i, : i % 64] += 1 / 128
+    user = torch.ones(1, 64)
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        ranking = Ranking(items.to(dtype), lambda users, history, dtype=dtype: user.to(dtype).expand(len(users), -1))
+        monkeypatch.setattr(task, "ranking", lambda content, ranking=ranking: ranking)
+        results[dtype] = evaluate(task, world_shards, config.eval, build_preprocess(config.encoder), single_process(), "cpu")
+    assert results[torch.bfloat16] == results[torch.float32]
+
+
+def test_a_bf16_stage_0_tag_gives_its_fp32_master_weights(one_rank_group, world_shards, tmp_path):
+    """One rank runs ZeRO-2 as stage 0, where DeepSpeed's bf16 optimizer keeps the fp32 master weights and the module
+    bf16 copies: the export and the universal checkpoint (a resume on more ranks) take the masters and the moments."""
+    from mmscale.engine import checkpoint
+    from mmscale.engine.restore import consolidated_state_dict
+    from mmscale.engine.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    config = case_config("two_tower", str(world_shards), run_dir, 2, 16, ["train.precision=bf16", "train.save_every=3"])
+    trainer = Trainer(config, log=lambda *a, **k: None)
+    trainer.fit()
+    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for(3)
+    states = torch.load(checkpoint.model_states_file(tag_dir), map_location="cpu", weights_only=True)
+    masters = [tensor for group in states["optimizer"]["fp32_groups"] for tensor in group]
+    names = [name for params in trainer.task.parameter_groups().values() for name, _ in params]  # the optimizer's order
+    assert len(masters) == len(names) and any(not torch.equal(m, m.bfloat16().float()) for m in masters)
+    exported = consolidated_state_dict(checkpoint.resolve_source(tag_dir))
+    universal = checkpoint.universal_checkpoint(tag_dir, names, log=lambda *a: None)
+    for name, master in zip(names, masters):
+        assert torch.equal(exported[name], master), name
+        assert torch.equal(torch.load(universal / "zero" / name / "fp32.pt", weights_only=True)["param"], master), name
+    assert (universal / "zero" / names[0] / "exp_avg.pt").is_file()

@@ -327,6 +327,7 @@ def load_content_cache(tag_dir: Path, device) -> tuple[torch.Tensor, torch.Tenso
 # -- resuming on another world size or ZeRO stage ------------------------------------------------------------
 TRAIN_STATE = "train_state.json"
 UNIVERSAL = "universal"
+OPTIMIZER_PARAMETERS = "optimizer_parameters"  # client state: the trained parameters' names in the optimizer's order
 
 
 def write_train_state(tag_dir: Path, state: dict) -> None:
@@ -381,6 +382,32 @@ def universal_checkpoint(tag_dir: Path, param_names: list[str], log=print) -> Pa
     return out
 
 
+def stage0_optimizer(states: dict, model_file: Path) -> dict:
+    """A stage-0 tag's optimizer state ({state, param_groups}): under bf16 DeepSpeed wraps the optimizer and saves
+    its state under "optimizer_state_dict", beside the fp32 master weights ("fp32_groups")."""
+    optimizer = states.get("optimizer")
+    if isinstance(optimizer, dict) and "optimizer_state_dict" in optimizer:
+        optimizer = optimizer["optimizer_state_dict"]
+    if not isinstance(optimizer, dict) or set(optimizer) != {"state", "param_groups"}:
+        raise CheckpointError(f"{model_file}: no whole optimizer state (a stage-0 tag keeps it in the model states)")
+    return optimizer
+
+
+def stage0_weights(states: dict, param_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """A stage-0 tag's weights by name. Under bf16 the module holds bf16 copies and the optimizer the fp32 masters of
+    the trained parameters, in its order (`param_names`; a tag saved since 2026-12-06 names them itself): those
+    replace the copies."""
+    weights = dict(states["module"])
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    names = param_names or states.get(OPTIMIZER_PARAMETERS)
+    if masters is not None and names is not None:
+        flat = [tensor for group in masters for tensor in group]
+        if len(flat) != len(names):
+            raise CheckpointError(f"the optimizer holds {len(flat)} fp32 master weights for {len(names)} parameter names")
+        weights.update(zip(names, flat))
+    return weights
+
+
 def _universal_from_stage0(tag_dir: Path, param_names: list[str], out: Path) -> None:
     """ds_to_universal's layout from a stage-0 tag: zero/NAME/{fp32,exp_avg,exp_avg_sq,step}.pt per parameter (a
     parameter that never had a gradient has no moments, as in DeepSpeed's own conversion), the groups' settings in
@@ -389,17 +416,16 @@ def _universal_from_stage0(tag_dir: Path, param_names: list[str], out: Path) -> 
 
     model_file = model_states_file(tag_dir)
     states = torch.load(model_file, map_location="cpu", weights_only=True)
-    module, optimizer = states["module"], states.get("optimizer")
-    if not isinstance(optimizer, dict) or set(optimizer) != {"state", "param_groups"}:
-        raise CheckpointError(f"{model_file}: no whole optimizer state (a stage-0 tag keeps it in the model states)")
+    optimizer = stage0_optimizer(states, model_file)
     indices = [i for group in optimizer["param_groups"] for i in group["params"]]
     if len(indices) != len(param_names):
         raise CheckpointError(f"{model_file}: the optimizer holds {len(indices)} parameters, this model trains {len(param_names)}")
+    weights = stage0_weights(states, param_names)
     zero = out / "zero"
     for index, name in zip(indices, param_names):
         folder = zero / name
         folder.mkdir(parents=True)
-        torch.save({"param": module[name].float(), "cat_dim": 0}, folder / "fp32.pt")
+        torch.save({"param": weights[name].float(), "cat_dim": 0}, folder / "fp32.pt")
         state = optimizer["state"].get(index, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:

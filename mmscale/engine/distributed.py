@@ -176,9 +176,10 @@ def average_gradients_in_backward(module: torch.nn.Module) -> None:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor travels over the host group: NCCL, the default group on GPUs, refuses CPU tensors."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_host_group if x.device.type == "cpu" else None)
     return x
 
 

@@ -95,7 +95,7 @@ def consolidated_state_dict(ref: CheckpointRef, info: dict | None = None) -> dic
     info = info or checkpoint_info(ref)
     if info["zero_stage"] == 0:  # no ZeRO: the model states hold the whole module
         with checkpoint.safe_loading():
-            state = torch.load(checkpoint.model_states_file(ref.path), map_location="cpu", weights_only=True)["module"]
+            state = checkpoint.stage0_weights(torch.load(checkpoint.model_states_file(ref.path), map_location="cpu", weights_only=True))
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

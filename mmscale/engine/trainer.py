@@ -471,6 +471,7 @@ class Trainer:
             "data": {"epoch": self.epoch, "batch": self.batch_in_epoch},
             "config": self.config.to_dict(),
             "best": self.best, "evals_since_best": self.evals_since_best,
+            checkpoint.OPTIMIZER_PARAMETERS: self._optimizer_parameter_names(),
         }
         failure = None
         try:
@@ -522,13 +523,15 @@ class Trainer:
             self._set_content(content)
         self.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
+    def _optimizer_parameter_names(self) -> list[str]:
+        return [name for params in self.task.parameter_groups().values() for name, _ in params]
+
     def _convert_to_universal(self, tag_dir: Path) -> None:
         """Rank 0 converts the tag once; every rank then loads its own partitions of the whole tensors."""
         failure = None
         if self.dist.is_main:
             try:
-                names = [name for params in self.task.parameter_groups().values() for name, _ in params]
-                checkpoint.universal_checkpoint(tag_dir, names, self.log)
+                checkpoint.universal_checkpoint(tag_dir, self._optimizer_parameter_names(), self.log)
             except Exception as e:  # every rank must learn it, or the others wait for a conversion that never ends
                 failure = e
         if any_rank(failure is not None):

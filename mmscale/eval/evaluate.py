@@ -136,7 +136,7 @@ def evaluate(
     if task.uses_catalogue_content and content is None:
         content = encode_catalogue(task, shards.store, preprocess, coll, device, config.batch_size, num_workers)
     ranking = task.ranking(content)
-    table = ranking.items
+    table = ranking.items.float()  # scores in fp32: a bf16 product ties thousands of items with the target
     indptr, seen_items = (torch.from_numpy(a).to(device) for a in shards.seen())
 
     warm = torch.ones(1, len(table), dtype=torch.bool, device=device)
@@ -160,11 +160,11 @@ def evaluate(
         for start in tqdm(starts, desc=f"ranking {split}", unit="batch", leave=False, disable=coll.rank != 0):
             rows = share[start : start + config.batch_size]
             users, targets, history = all_users[rows].to(device), all_targets[rows].to(device), all_history[rows].to(device)
-            scores = ranking.user_vectors(users, history) @ table.T
+            scores = ranking.user_vectors(users, history).float() @ table.T
             excluded = seen_mask(users, history, indptr, seen_items, len(table)) if config.exclude_seen else None
             if split == "cold" and config.cold_candidates == "cold":
                 excluded = warm.expand(len(rows), -1) if excluded is None else excluded | warm
-            ranks = target_ranks(scores.float(), targets, excluded)
+            ranks = target_ranks(scores, targets, excluded)
             w = weight[start : start + len(rows)].to(device)
             batch_sums = metric_sums(ranks, config.ks, w)
             # A random ranking's expected Recall@K: K over the items left to rank, for comparison.
