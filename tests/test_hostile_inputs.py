@@ -208,6 +208,26 @@ def test_evaluation_refuses_a_model_with_non_finite_parameters(world_shards):
         evaluate(task, world_shards, config.eval, build_preprocess(config.encoder), single_process(), "cpu")
 
 
+def test_the_finiteness_check_skips_the_padding_of_zero3_partitions():
+    """ZeRO-3 partitions a tensor into equal parts, the last padded with memory DeepSpeed never writes: the padding
+    may hold NaN and says nothing of the model (a spurious refusal, seen on a 2-rank ZeRO-3 run's 1-element logit
+    scale); a NaN among a partition's real values still stops evaluation."""
+    from mmscale.eval.evaluate import Collectives, NonFiniteModelError, check_finite_parameters
+
+    task = torch.nn.Linear(3, 1, bias=False)  # 3 values over 2 ranks: partitions of 2, rank 1's second is padding
+    task.weight.ds_numel = 3
+
+    def check(rank: int, partition: list[float]) -> None:
+        task.weight.ds_tensor = torch.tensor(partition)
+        check_finite_parameters(task, Collectives(rank, 2, lambda x, uneven=False: x, lambda x: x), "cpu")
+
+    check(1, [0.5, float("nan")])
+    with pytest.raises(NonFiniteModelError, match="weight"):
+        check(1, [float("nan"), 0.5])
+    with pytest.raises(NonFiniteModelError, match="weight"):
+        check(0, [0.5, float("inf")])
+
+
 # -- 3. no file outside the dataset is read ------------------------------------------------------------------
 def test_image_paths_must_stay_inside_the_dataset(tiny_raw, tmp_path):
     raw = tiny_raw(num_users=6, num_items=8)

@@ -93,9 +93,18 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     return tuple(outputs)
 
 
+def _held_values(param: torch.Tensor, rank: int) -> torch.Tensor:
+    """The values this rank holds: its ZeRO-3 partition less the padding of the last ones, which DeepSpeed allocates
+    and never writes (a 1-element logit scale on 2 ranks: rank 1 holds one element of padding), or the whole tensor."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    return part.view(-1)[: max(0, min(part.numel(), param.ds_numel - rank * part.numel()))]
+
+
 def check_finite_parameters(task, coll: Collectives, device) -> None:
     """Raises on every rank if any rank's parameters (its ZeRO-3 partition, or the whole tensors) hold NaN or inf."""
-    bad = [name for name, p in task.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+    bad = [name for name, p in task.named_parameters() if not torch.isfinite(_held_values(p, coll.rank)).all()]
     if float(coll.all_reduce_sum(torch.tensor([float(len(bad))], device=device))[0]) > 0:
         where = f" (e.g. {', '.join(bad[:3])})" if bad else " (on another rank)"
         raise NonFiniteModelError(f"the model has non-finite parameters{where}: the run diverged; no metrics are reported "
