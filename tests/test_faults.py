@@ -117,6 +117,23 @@ def test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint(wor
     assert (small_disk / "step00000002" / "COMPLETE").is_file()
 
 
+def test_a_rank_still_exiting_when_the_collective_fails_is_named(monkeypatch):
+    """A killed rank's sockets close before it is a zombie: its peer's collective can fail while it still runs (seen
+    in a suite run beside a study, where the error went out unnamed). The peer waits a moment for it to exit."""
+    import socket
+
+    from mmscale.engine import distributed
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    monkeypatch.setattr(distributed, "_ranks", [(socket.gethostname(), os.getpid()), (socket.gethostname(), exiting.pid)])
+    try:
+        assert distributed.lost_ranks() == f"lost rank 1 (pid {exiting.pid} on {socket.gethostname()}): it exited while the others waited for it"
+    finally:
+        exiting.wait()
+    monkeypatch.setattr(distributed, "_ranks", [(socket.gethostname(), os.getpid())])
+    assert distributed.lost_ranks(grace_s=0.2) is None  # nobody exited: not ours to name
+
+
 def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(world_shards, tmp_path):
     """SIGKILL one rank mid-run: the launcher ends the other within the bound; --resume latest then gives the
     same losses as a run that was never interrupted."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -120,12 +121,20 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def lost_ranks() -> str | None:
-    """After a collective failed: names the ranks of this host that have exited (a rank on another node
-    is named by that node's launcher). None when all of them still run: the error is then not ours to name."""
+EXIT_GRACE_S = 5.0  # a killed process's sockets close before it is a zombie: its peers' reads fail while it exits
+
+
+def lost_ranks(grace_s: float = EXIT_GRACE_S) -> str | None:
+    """After a collective failed: names the ranks of this host that have exited, waiting up to `grace_s` for one
+    to finish exiting (a rank on another node is named by that node's launcher). None when all of them still run:
+    the error is then not ours to name."""
     host = socket.gethostname()
-    gone = [f"rank {rank} (pid {pid} on {host})" for rank, (rank_host, pid) in enumerate(_ranks) if rank_host == host and _exited(pid)]
-    return f"lost {', '.join(gone)}: it exited while the others waited for it" if gone else None
+    deadline = time.monotonic() + grace_s
+    while True:
+        gone = [f"rank {rank} (pid {pid} on {host})" for rank, (rank_host, pid) in enumerate(_ranks) if rank_host == host and _exited(pid)]
+        if gone or time.monotonic() >= deadline:
+            return f"lost {', '.join(gone)}: it exited while the others waited for it" if gone else None
+        time.sleep(0.1)
 
 
 def any_rank(flag: bool) -> bool:
