@@ -228,6 +228,23 @@ def test_the_finiteness_check_skips_the_padding_of_zero3_partitions():
         check(0, [0.5, float("inf")])
 
 
+@pytest.mark.parametrize("names, message", [
+    (["w", "planted"], "'planted': no module weight"),
+    (["b", "w"], "'b': no module weight of shape \\(2, 2\\)"),
+    (["w"], "2 fp32 master weights for 1 parameter names"),
+])
+def test_a_stage_0_tags_master_weights_must_name_its_module_weights(names, message):
+    """A bf16 stage-0 tag names its fp32 master weights itself (`optimizer_parameters`): a name the module lacks, or
+    one of another shape, is refused rather than written into an export."""
+    from mmscale.engine.checkpoint import OPTIMIZER_PARAMETERS, CheckpointError, stage0_weights
+
+    states = {"module": {"w": torch.zeros(2, 2, dtype=torch.bfloat16), "b": torch.zeros(2, dtype=torch.bfloat16)},
+              "optimizer": {"fp32_groups": [[torch.ones(2, 2), torch.ones(2)]]}, OPTIMIZER_PARAMETERS: names}
+    with pytest.raises(CheckpointError, match=message):
+        stage0_weights(states)
+    assert stage0_weights({**states, OPTIMIZER_PARAMETERS: ["w", "b"]})["w"].dtype == torch.float32
+
+
 # -- 3. no file outside the dataset is read ------------------------------------------------------------------
 def test_image_paths_must_stay_inside_the_dataset(tiny_raw, tmp_path):
     raw = tiny_raw(num_users=6, num_items=8)

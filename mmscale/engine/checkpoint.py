@@ -404,6 +404,9 @@ def stage0_weights(states: dict, param_names: list[str] | None = None) -> dict[s
         flat = [tensor for group in masters for tensor in group]
         if len(flat) != len(names):
             raise CheckpointError(f"the optimizer holds {len(flat)} fp32 master weights for {len(names)} parameter names")
+        for name, master in zip(names, flat):  # the names come from the tag: each must be a module weight of its shape
+            if name not in weights or weights[name].shape != master.shape:
+                raise CheckpointError(f"fp32 master weight {name!r}: no module weight of shape {tuple(master.shape)} has that name")
         weights.update(zip(names, flat))
     return weights
 
