@@ -96,10 +96,11 @@ def test_a_tags_training_state_is_read_or_refused_by_name(tmp_path):
     from mmscale.engine.checkpoint import CheckpointError, read_train_state, write_train_state
 
     assert read_train_state(tmp_path) is None  # a tag written before the record existed
-    state = {"world_size": 2, "batch_size": 8, "grad_accum": 1, "streams": 2, "zero_stage": 3}
+    state = {"world_size": 2, "batch_size": 8, "grad_accum": 1, "streams": 2, "zero_stage": 3, "precision": "bf16"}
     write_train_state(tmp_path, state)
     assert read_train_state(tmp_path) == state
     for bad in ("{not json", json.dumps({**state, "streams": 0}), json.dumps({**state, "world_size": "2"}),
+                json.dumps({**state, "precision": "fp8"}), json.dumps({**state, "precision": ["bf16"]}),
                 json.dumps({k: v for k, v in state.items() if k != "grad_accum"}), "[]"):
         (tmp_path / "train_state.json").write_text(bad)
         with pytest.raises(CheckpointError, match=f"{tmp_path / 'train_state.json'}: not a training-state record"):

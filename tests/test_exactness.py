@@ -234,6 +234,9 @@ def test_decays_by_role_not_by_shape():
     assert not decays(nn.Embedding(5, 4), "weight", nn.Parameter(torch.zeros(5, 4)))
     assert not decays(nn.Module(), "norm_weight", nn.Parameter(torch.zeros(8, 4)))  # 2-d, still a norm
     assert decays(nn.Module(), "text_projection", nn.Parameter(torch.zeros(8, 4)))
+    partitioned = nn.Parameter(torch.zeros(0))  # as ZeRO-3 leaves it on a rank: its data gone, its shape in ds_shape
+    partitioned.ds_shape = torch.Size([8, 4])
+    assert decays(nn.Module(), "text_projection", partitioned)
 
 
 # -- the loader at a phase switch ------------------------------------------------------------------------------

@@ -95,3 +95,24 @@ def test_a_bf16_stage_0_tag_gives_its_fp32_master_weights(one_rank_group, world_
         assert torch.equal(exported[name], master), name
         assert torch.equal(torch.load(universal / "zero" / name / "fp32.pt", weights_only=True)["param"], master), name
     assert (universal / "zero" / names[0] / "exp_avg.pt").is_file()
+
+
+def test_a_resume_at_another_precision_is_refused_naming_the_key(one_rank_group, world_shards, tmp_path):
+    """A bf16 tag's optimizer state has another layout than an fp32 run's (DeepSpeed's bf16 optimizer keeps fp32
+    masters beside it): resumed in fp32 (a `precision: auto` run moved from a GPU to a CPU) it stopped inside
+    DeepSpeed with a KeyError; now at start, naming train.precision and the value that resumes it."""
+    from mmscale.config import ConfigError
+    from mmscale.engine import checkpoint
+    from mmscale.engine.trainer import Trainer
+
+    def trainer(run_dir: Path, precision: str, resume: str | None = None) -> Trainer:
+        config = case_config("two_tower", str(world_shards), run_dir, 2, 16, [f"train.precision={precision}", "train.save_every=3"])
+        return Trainer(config, resume=resume, log=lambda *a, **k: None)
+
+    trainer(tmp_path / "bf16", "bf16").fit()
+    tag = tmp_path / "bf16" / "checkpoints" / checkpoint.tag_for(3)
+    assert json.loads((tag / checkpoint.TRAIN_STATE).read_text())["precision"] == "bf16"
+    with pytest.raises(ConfigError, match=rf"train.precision: {tag} was trained in bf16; .*--set train.precision=bf16$"):
+        trainer(tmp_path / "fp32", "fp32", resume=str(tag))
+    assert trainer(tmp_path / "bf16-again", "bf16", resume=str(tag)).step == 3
+

@@ -1,4 +1,5 @@
-"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2 and ZeRO-3), and one saved on 1 rank resumes on 2,
+"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO-2 and ZeRO-3) and under the other stage, and one saved on 1 rank
+resumes on 2 (ZeRO-2 and ZeRO-3),
 through DeepSpeed's universal checkpoint: the losses after the resume and the final weights equal the uninterrupted 2-rank run's, because the
 data order belongs to the run (its logical streams), not to the world size. Stage 0 on 2 ranks, which averages
 gradients during the backward, accumulates and resumes as one process does."""
@@ -62,7 +63,7 @@ def two_ranks(world_shards, tmp_path_factory) -> Path:
     done = train(world_shards, run_dir, 2, 2)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((run_dir / "checkpoints" / f"step{SAVED_AT:08d}" / "train_state.json").read_text())
-    assert state == {"world_size": 2, "batch_size": 8, "grad_accum": 1, "streams": 2, "zero_stage": 2}
+    assert state == {"world_size": 2, "batch_size": 8, "grad_accum": 1, "streams": 2, "zero_stage": 2, "precision": "fp32"}
     return run_dir
 
 
@@ -83,12 +84,16 @@ def saved_elsewhere(world_shards, tmp_path_factory):
     return source
 
 
-@pytest.mark.parametrize("saved_on,ranks,stage", [(2, 1, 2), (2, 4, 2), (2, 1, 3), (2, 4, 3), (1, 2, 2)])
-def test_a_run_resumes_on_another_world_size(saved_on, ranks, stage, two_ranks, saved_elsewhere, world_shards, tmp_path):
-    """A step-3 tag of the 2-rank run (ZeRO-2 or 3) or of its one-rank twin continues on `ranks` as the unbroken
-    2-rank ZeRO-2 run did."""
-    source = two_ranks if (saved_on, stage) == (2, 2) else saved_elsewhere(saved_on, stage)
-    saved_stage = 0 if saved_on == 1 else stage
+@pytest.mark.parametrize("saved_on,saved_stage,ranks,stage", [
+    (2, 2, 1, 2), (2, 2, 4, 2), (2, 3, 1, 3), (2, 3, 4, 3),  # another world size
+    (1, 2, 2, 2), (1, 2, 2, 3),  # one rank's stage-0 tag (ZeRO-2 runs as stage 0 there) on two ranks
+    (2, 2, 2, 3), (2, 3, 2, 2),  # another ZeRO stage
+])
+def test_a_run_resumes_on_another_world_size(saved_on, saved_stage, ranks, stage, two_ranks, saved_elsewhere, world_shards, tmp_path):
+    """A step-3 tag of the 2-rank run (ZeRO-2 or 3) or of its one-rank twin continues on `ranks` under ZeRO-`stage`
+    as the unbroken 2-rank ZeRO-2 run did."""
+    source = two_ranks if (saved_on, saved_stage) == (2, 2) else saved_elsewhere(saved_on, saved_stage)
+    saved_stage = 0 if saved_on == 1 else saved_stage
     tag = resumed_copy(source, tmp_path / "resumed")
     resumed = train(world_shards, tmp_path / "resumed", ranks, stage, "--resume", str(tag))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -253,8 +253,11 @@ def resolve_source(source: str | Path, log=print) -> CheckpointRef:
     return CheckpointRef(run_dir, checkpoint_dir, tag)
 
 
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-0/1/2, ZeRO-3
+
+
 def model_states_file(tag_dir: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+    for name in MODEL_STATES:
         if (tag_dir / name).is_file():
             return tag_dir / name
     raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file (*_model_states.pt)")
@@ -335,8 +338,8 @@ def write_train_state(tag_dir: Path, state: dict) -> None:
 
 
 def read_train_state(tag_dir: Path) -> dict | None:
-    """What the tag was saved with ({world_size, batch_size, grad_accum, streams, zero_stage}); None for a tag
-    written before it was recorded."""
+    """What the tag was saved with ({world_size, batch_size, grad_accum, streams, zero_stage}, and precision since
+    2026-12-06); None for a tag written before it was recorded."""
     path = Path(tag_dir) / TRAIN_STATE
     if not path.is_file():
         return None
@@ -345,6 +348,8 @@ def read_train_state(tag_dir: Path) -> dict | None:
         keys = ("world_size", "batch_size", "grad_accum", "streams", "zero_stage")
         if not all(isinstance(state[k], int) and state[k] >= 0 for k in keys) or min(state[k] for k in keys[:4]) < 1:
             raise ValueError(f"{', '.join(keys)} must be positive integers")
+        if state.get("precision", "fp32") not in ("fp32", "bf16"):
+            raise ValueError(f"precision {state['precision']!r} is not fp32 or bf16")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a training-state record ({e})") from None
     return state
@@ -378,8 +383,50 @@ def universal_checkpoint(tag_dir: Path, param_names: list[str], log=print) -> Pa
         (tmp / COMPLETE).write_text("universal\n")
         shutil.rmtree(out, ignore_errors=True)  # a conversion cut short before
         os.replace(tmp, out)
+    _readable_under_every_stage(out)
     verify_files(sorted(out.rglob("*.pt")))
     return out
+
+
+def _readable_under_every_stage(out: Path) -> None:
+    """DeepSpeed's universal loaders (0.19.8) read a conversion in their own stage's layout only: the model states
+    (client state, scheduler) under the name their stage saves them; the optimizer's global state with a DeepSpeed
+    version and the groups at the top (ZeRO-1/2) or with the groups and the step under "optimizer_state_dict"
+    (ZeRO-3); each parameter's tensors as {param: whole shape, cat_dim} with a step.pt (ZeRO-1/2; ZeRO-3 reads
+    either, and writes flat tensors without a step). Add what the other stages need, so that a tag resumes under any."""
+    import deepspeed
+
+    states = model_states_file(out)
+    for name in MODEL_STATES:
+        if not (out / name).exists():
+            os.link(states, out / name)
+    zero = out / "zero"
+    with safe_loading():
+        global_state = torch.load(zero / "optimizer_state.pt", map_location="cpu")
+        if "ds_version" in global_state and "optimizer_state_dict" in global_state:
+            return
+        param_shapes = torch.load(states, map_location="cpu").get("param_shapes") or []
+    shapes = {name: shape for group in param_shapes for name, shape in group.items()}
+    steps = sorted(zero.glob("*/step.pt"))  # every parameter's Adam step is the run's
+    zero3_step = global_state.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step")
+    step = torch.load(steps[0], weights_only=True) if steps else zero3_step
+    step = torch.tensor(0.0) if step is None else torch.as_tensor(step, dtype=torch.float32)
+    for folder in (f for f in zero.iterdir() if f.is_dir()):
+        for file in folder.glob("*.pt"):
+            tensor = torch.load(file, map_location="cpu", weights_only=True)
+            if torch.is_tensor(tensor) and file.name != "step.pt":  # ZeRO-3's flat tensor
+                _save_replacing({"param": tensor.view(shapes[folder.name]), "cat_dim": 0}, file)
+        if (folder / "exp_avg.pt").exists() and not (folder / "step.pt").exists():
+            _save_replacing(step, folder / "step.pt")
+    global_state.setdefault("ds_version", deepspeed.__version__)
+    global_state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": global_state["param_groups"]})
+    _save_replacing(global_state, zero / "optimizer_state.pt")  # last: its layout says the conversion is done
+
+
+def _save_replacing(value, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
 
 
 def stage0_optimizer(states: dict, model_file: Path) -> dict:
@@ -415,8 +462,6 @@ def _universal_from_stage0(tag_dir: Path, param_names: list[str], out: Path) -> 
     """ds_to_universal's layout from a stage-0 tag: zero/NAME/{fp32,exp_avg,exp_avg_sq,step}.pt per parameter (a
     parameter that never had a gradient has no moments, as in DeepSpeed's own conversion), the groups' settings in
     zero/optimizer_state.pt, and the model states beside them (client state, buffers, scheduler)."""
-    import deepspeed
-
     model_file = model_states_file(tag_dir)
     states = torch.load(model_file, map_location="cpu", weights_only=True)
     optimizer = stage0_optimizer(states, model_file)
@@ -436,8 +481,5 @@ def _universal_from_stage0(tag_dir: Path, param_names: list[str], out: Path) -> 
         if "step" in state:
             torch.save(torch.as_tensor(state["step"], dtype=torch.float32), folder / "step.pt")
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
-    steps = [torch.as_tensor(s["step"], dtype=torch.float32) for s in optimizer["state"].values() if "step" in s]
-    torch.save({"param_groups": groups, "ds_version": deepspeed.__version__,
-                "optimizer_state_dict": {"state": {0: {"step": steps[0] if steps else torch.tensor(0.0)}}, "param_groups": groups}},
-               zero / "optimizer_state.pt")
+    torch.save({"param_groups": groups}, zero / "optimizer_state.pt")  # the rest: _readable_under_every_stage
     shutil.copy2(model_file, out / model_file.name)

@@ -95,6 +95,11 @@ class Trainer:
         self.bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
         found = checkpoint.resolve_resume(resume, self.run_dir, self.log)
         saved = checkpoint.read_train_state(found[0] / found[1]) if found else None
+        precision = "bf16" if self.bf16 else "fp32"
+        if saved is not None and saved.get("precision", precision) != precision:  # its optimizer state has another layout
+            raise ConfigError(f"train.precision: {found[0] / found[1]} was trained in {saved['precision']}; this run would train "
+                              f"in {precision} (train.precision {config.train.precision} on {self.dist.device.type}): resume it "
+                              f"with --set train.precision={saved['precision']}")
         planned = zero_stage(build_deepspeed_config(config, self.dist.world_size, self.bf16))
         self.resharded = saved is not None and (saved["world_size"], saved["zero_stage"]) != (self.dist.world_size, planned)
         if self.resharded:
@@ -127,6 +132,9 @@ class Trainer:
         if self.reduces_in_backward:
             average_gradients_in_backward(task)
         optimizer = self._optimizer(task, ds_config)
+        # the trained parameters' names in the optimizer's order (checkpoints name their moments by them), taken
+        # before the engine: ZeRO-3 partitions the parameters, and grouping by shape would no longer see theirs
+        self.optimizer_parameter_names = [name for params in task.parameter_groups().values() for name, _ in params]
         windows = task.training_windows()
         schedules = [warmup_cosine(config.optim.warmup_steps, self.total_steps, *windows[g["name"].split("/")[0]]) for g in optimizer.param_groups]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -471,7 +479,7 @@ class Trainer:
             "data": {"epoch": self.epoch, "batch": self.batch_in_epoch},
             "config": self.config.to_dict(),
             "best": self.best, "evals_since_best": self.evals_since_best,
-            checkpoint.OPTIMIZER_PARAMETERS: self._optimizer_parameter_names(),
+            checkpoint.OPTIMIZER_PARAMETERS: self.optimizer_parameter_names,
         }
         failure = None
         try:
@@ -480,7 +488,8 @@ class Trainer:
             if self.dist.is_main:
                 checkpoint.write_train_state(self.checkpoint_dir / tag, {
                     "world_size": self.dist.world_size, "batch_size": self.config.data.batch_size,
-                    "grad_accum": self.config.optim.grad_accum, "streams": self.stream.streams, "zero_stage": self.zero_stage})
+                    "grad_accum": self.config.optim.grad_accum, "streams": self.stream.streams, "zero_stage": self.zero_stage,
+                    "precision": "bf16" if self.bf16 else "fp32"})
                 if self.content is not None:
                     checkpoint.save_content_cache(self.checkpoint_dir / tag, self.content)
         except (OSError, RuntimeError) as e:  # disk full (torch's zip writer raises RuntimeError), unwritable, quota...
@@ -523,15 +532,12 @@ class Trainer:
             self._set_content(content)
         self.log(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
-    def _optimizer_parameter_names(self) -> list[str]:
-        return [name for params in self.task.parameter_groups().values() for name, _ in params]
-
     def _convert_to_universal(self, tag_dir: Path) -> None:
         """Rank 0 converts the tag once; every rank then loads its own partitions of the whole tensors."""
         failure = None
         if self.dist.is_main:
             try:
-                checkpoint.universal_checkpoint(tag_dir, self._optimizer_parameter_names(), self.log)
+                checkpoint.universal_checkpoint(tag_dir, self.optimizer_parameter_names, self.log)
             except Exception as e:  # every rank must learn it, or the others wait for a conversion that never ends
                 failure = e
         if any_rank(failure is not None):

@@ -66,7 +66,7 @@ def decays(owner: nn.Module, name: str, param: nn.Parameter) -> bool:
         return name == "weight"
     if isinstance(owner, nn.MultiheadAttention):
         return name == "in_proj_weight"
-    return param.dim() >= 2 and "proj" in name
+    return len(getattr(param, "ds_shape", param.shape)) >= 2 and "proj" in name  # ds_shape: ZeRO-3 partitioned
 
 
 class Task(nn.Module, ABC):
