@@ -116,6 +116,9 @@ def test_mlm_replacement_draws_ordinary_tokens_only(encoder):
     vocabulary = encoder.preprocess().tokenize._tok.get_vocab()
     specials = {vocabulary[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
     assert not specials & set(ids.tolist()) and len(ids) == encoder.vocab_size - len(specials)
+    # both id sets are buffers, moved with the model: MLM builds no tensor from a host list each step
+    assert set(encoder.special_token_ids.tolist()) == {vocabulary[t] for t in ("[PAD]", "[CLS]", "[SEP]")}  # never predicted
+    assert {"special_token_ids", "replacement_token_ids"} <= dict(encoder.named_buffers()).keys()
     tokens = torch.full((1, 3), 7)
     uniforms = torch.tensor([[[0.0, 0.85, 0.0], [0.0, 0.85, 0.999999], [0.0, 0.85, 0.5]]])
     inputs, _ = mask_tokens(tokens, torch.ones(1, 3, dtype=torch.bool), uniforms, encoder.mask_token_id, ids)
@@ -128,7 +131,7 @@ def test_mlm_equals_a_direct_computation(encoder, batch):
     step = torch.tensor(9)
     with torch.no_grad():
         loss = fusion_losses(encoder, ["mlm"], images, tokens, image_emb, text_emb, item_ids, has_image, identity, step)["mlm"]
-    special = set(encoder.special_token_ids)
+    special = set(encoder.special_token_ids.tolist())
     total, count = 0.0, 0
     for i in range(6):
         row_inputs, targets = tokens[i].clone(), []

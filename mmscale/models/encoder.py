@@ -78,9 +78,10 @@ class FusionEncoder(ABC):
     def masked_lm_logits(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """[N, T, vocab] masked-LM logits of text tokens read with their image."""
 
-    special_token_ids: tuple[int, ...]  # never predicted by MLM
-    mask_token_id: int
+    # buffers, on the model's device: a step builds no tensor from host data
+    special_token_ids: torch.Tensor  # never predicted by MLM
     replacement_token_ids: torch.Tensor  # MLM's random replacements: ordinary tokens only
+    mask_token_id: int
 
 
 class FrozenBlockCache(ABC):

@@ -882,6 +882,7 @@ class VLMoEncoder(ItemEncoder, FusionEncoder):
         # item_representation "fusion": an item is its fusion-mode [CLS] (pooled), projected to embed_dim.
         # The projection is mmscale's own (the release has none), kept outside `model` so imports stay strict.
         self.item_proj = nn.Linear(config.width, config.embed_dim, bias=False) if item_representation == "fusion" else None
+        self.register_buffer("special_token_ids", torch.tensor(self._preprocess.tokenize.special_ids), persistent=False)
         self.register_buffer("replacement_token_ids", torch.tensor(self._preprocess.tokenize.ordinary_ids), persistent=False)
         if pretrained is not None:
             self.load_pretrained(pretrained)
@@ -933,10 +934,6 @@ class VLMoEncoder(ItemEncoder, FusionEncoder):
     def masked_lm_logits(self, images: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """[N, T, vocab] MLM logits of (masked) text tokens read with their image, fusion mode."""
         return self.model(images=images, text_tokens=text_tokens, mode="fusion", mlm=True)["mlm_logits"]
-
-    @property
-    def special_token_ids(self) -> tuple[int, ...]:
-        return self._preprocess.tokenize.special_ids
 
     @property
     def mask_token_id(self) -> int:

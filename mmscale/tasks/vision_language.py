@@ -59,7 +59,6 @@ def _masked_lm(encoder, images, tokens, item_ids, has_image, gather, step) -> to
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     uniforms = hashed_uniform(item_ids.view(-1, 1, 1), step, torch.tensor(3), positions.view(1, -1, 1),
                               torch.arange(3, device=tokens.device).view(1, 1, -1))
-    special = torch.tensor(encoder.special_token_ids, device=tokens.device)
-    maskable = ~torch.isin(tokens, special) & has_image.unsqueeze(1)  # read with the item's own image
+    maskable = ~torch.isin(tokens, encoder.special_token_ids) & has_image.unsqueeze(1)  # read with the item's own image
     inputs, labels = mask_tokens(tokens, maskable, uniforms, encoder.mask_token_id, encoder.replacement_token_ids)
     return _global_mean(masked_lm_sums(encoder.masked_lm_logits(images, inputs), labels), gather)
