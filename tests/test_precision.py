@@ -116,3 +116,36 @@ def test_a_resume_at_another_precision_is_refused_naming_the_key(one_rank_group,
         trainer(tmp_path / "fp32", "fp32", resume=str(tag))
     assert trainer(tmp_path / "bf16-again", "bf16", resume=str(tag)).step == 3
 
+
+def test_bf16_vectors_are_scored_in_fp32_by_every_loss(world_shards):
+    """A bf16 model's vectors give each loss exactly what their fp32 values give: the similarity products run in fp32
+    (bf16 logits near 20, at a temperature of 0.05 or a logit scale of 100, move in steps of 0.125)."""
+    import torch.nn.functional as F
+
+    from mmscale.config import load_config
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.objectives.contrastive import image_text_contrastive_loss
+    from mmscale.objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
+    from mmscale.objectives.recommender import bpr_loss, sampled_softmax_loss
+    from mmscale.tasks import build_task
+
+    torch.manual_seed(0)
+    n = 48
+    a, b = (F.normalize(torch.randn(n, 32), dim=-1).bfloat16() for _ in range(2))
+    ids, scale = torch.arange(n) % 40, torch.tensor(math.log(100.0)).bfloat16()  # repeated items, CLIP's top logit scale
+    losses = {
+        "sampled softmax": lambda x, y: sampled_softmax_loss(x, y, ids, 0.05, log_sampling=torch.full((n,), -3.0)),
+        "bpr": lambda x, y: bpr_loss(x, y, ids),
+        "itc": lambda x, y: image_text_contrastive_loss(x, y, ids, ids % 7 > 0, scale),
+        "seq-item": lambda x, y: sequence_item_loss(x, y, ids, 0.05),
+        "seq-seq": lambda x, y: sequence_sequence_loss(x, y, ids, 0.05),
+    }
+    for name, loss in losses.items():
+        assert loss(a, b).dtype == torch.float32, name
+        assert loss(a, b).item() == pytest.approx(loss(a.float(), b.float()).item(), rel=1e-6), name
+    config = load_config(None, [f"encoder.model={REPO / 'configs/models/clip-tiny.json'}", f"data.shards={world_shards}",
+                                "task=sequential", "sequence.mode=finetune"])
+    task = build_task(config, ShardSet.open(world_shards))
+    sequences, items = a[:, :16], torch.randn(len(task.cold), 16).bfloat16()
+    assert torch.equal(task._next_item_logits(sequences, sequences, items, items),
+                       task._next_item_logits(sequences.float(), sequences.float(), items.float(), items.float()))

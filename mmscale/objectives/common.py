@@ -14,6 +14,18 @@ def first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, first == torch.arange(len(ids), device=ids.device)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 unless wider: a bf16 model's logits (up to 20-100, at a temperature of 0.05 or a logit scale of 100)
+    would keep 8 significant bits, steps of 0.125-0.5, in the loss and its gradient."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T, at least in fp32."""
+    dtype = torch.promote_types(at_least_fp32(a).dtype, b.dtype)
+    return a.to(dtype) @ b.to(dtype).T
+
+
 def hashed_uniform(*keys: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) numbers that depend only on the integer keys (broadcast together)."""
     x = torch.zeros((), dtype=torch.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import first_occurrence
+from .common import first_occurrence, similarities
 
 
 def image_text_contrastive_loss(
@@ -17,7 +17,8 @@ def image_text_contrastive_loss(
     """
     _, is_first = first_occurrence(item_ids)
     keep = is_first & has_image
-    logits = logit_scale.exp() * image @ text.T
+    similarity = similarities(image, text)
+    logits = logit_scale.to(similarity.dtype).exp() * similarity
     blocked = ~(keep.unsqueeze(0) & keep.unsqueeze(1)) & ~torch.eye(len(keep), dtype=torch.bool, device=keep.device)
     logits = logits.masked_fill(blocked, torch.finfo(logits.dtype).min)
     targets = torch.arange(len(keep), device=keep.device)

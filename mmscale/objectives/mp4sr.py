@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import similarities
+
 
 def _same_target(target_ids: torch.Tensor) -> torch.Tensor:
     """[N, N] True where two different rows have the same target."""
@@ -21,7 +23,8 @@ def sequence_item_loss(sequences: torch.Tensor, items: torch.Tensor, target_ids:
 
     sequences, items: [N, H], L2-normalised, row-aligned.
     """
-    logits = (sequences @ items.T / temperature).masked_fill(_same_target(target_ids), torch.finfo(sequences.dtype).min)
+    logits = similarities(sequences, items) / temperature
+    logits = logits.masked_fill(_same_target(target_ids), torch.finfo(logits.dtype).min)
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
@@ -34,12 +37,12 @@ def sequence_sequence_loss(first: torch.Tensor, second: torch.Tensor, target_ids
     n = len(first)
     blocked = _same_target(target_ids)
     self_pair = torch.eye(n, dtype=torch.bool, device=first.device)
-    low = torch.finfo(first.dtype).min
     targets = torch.arange(n, device=first.device)
 
     def one_side(anchor, other):
-        cross = (anchor @ other.T / temperature).masked_fill(blocked, low)
-        same = (anchor @ anchor.T / temperature).masked_fill(blocked | self_pair, low)
+        cross, same = similarities(anchor, other) / temperature, similarities(anchor, anchor) / temperature
+        low = torch.finfo(cross.dtype).min
+        cross, same = cross.masked_fill(blocked, low), same.masked_fill(blocked | self_pair, low)
         return F.cross_entropy(torch.cat([cross, same], dim=1), targets)
 
     return (one_side(first, second) + one_side(second, first)) / 2

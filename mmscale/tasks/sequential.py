@@ -31,7 +31,7 @@ from ..data.stream import PAD, Batch
 from ..models import build_encoder
 from ..models.sequence import AttentionPooling, CausalSequenceEncoder, MoEAdaptor, complementary_mixup, random_item_drop
 from ..objectives import FUSION_LOSSES, VISION_LANGUAGE_LOSSES
-from ..objectives.common import hashed_uniform
+from ..objectives.common import at_least_fp32, hashed_uniform, similarities
 from ..objectives.contrastive import image_text_contrastive_loss
 from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
 from .base import Gather, Ranking, Task
@@ -88,9 +88,9 @@ class NextItemTask(Task):
 
     def _next_item_logits(self, text_seq, image_seq, text_items, image_items) -> torch.Tensor:
         """Each modality's sequence against that modality's item table, summed; cold items masked out (training)."""
-        logits = text_seq @ F.normalize(text_items, dim=-1).T
+        logits = similarities(text_seq, F.normalize(at_least_fp32(text_items), dim=-1))
         if image_seq is not None:
-            logits = logits + image_seq @ F.normalize(image_items, dim=-1).T
+            logits = logits + similarities(image_seq, F.normalize(at_least_fp32(image_items), dim=-1))
         return (logits / self.config.sequence.temperature).masked_fill(self.cold, torch.finfo(logits.dtype).min)
 
     def _user_vectors(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..objectives.common import hashed_uniform
+from ..objectives.common import at_least_fp32, hashed_uniform, similarities
 from ..objectives.matching import mask_tokens, masked_lm_sums, matching_loss, sample_hard_negatives
 
 
@@ -39,12 +39,12 @@ def _matching(encoder, images, tokens, image_emb, text_emb, item_ids, has_image,
     all_ids, all_has_image = gather(item_ids), gather(has_image)
     all_images, all_tokens = gather(images), gather(tokens)
     with torch.no_grad():  # sampling only: no gradient through the choice of negatives
-        scale = encoder.logit_scale.exp()
+        scale = at_least_fp32(encoder.logit_scale).exp()
         same_item = item_ids.unsqueeze(1) == all_ids.unsqueeze(0)  # the positive and any copy of it
-        text_negative = sample_hard_negatives(scale * image_emb @ gather(text_emb.detach()).T, same_item,
+        text_negative = sample_hard_negatives(scale * similarities(image_emb, gather(text_emb.detach())), same_item,
                                               hashed_uniform(item_ids, step, torch.tensor(1)))
-        image_negative = sample_hard_negatives(scale * text_emb @ gather(image_emb.detach()).T, same_item | ~all_has_image.unsqueeze(0),
-                                               hashed_uniform(item_ids, step, torch.tensor(2)))
+        image_negative = sample_hard_negatives(scale * similarities(text_emb, gather(image_emb.detach())),
+                                               same_item | ~all_has_image.unsqueeze(0), hashed_uniform(item_ids, step, torch.tensor(2)))
     # 3B pairs of fixed shape (no host sync): matched, (image, negative text), (negative image, text); a pair
     # whose image is missing or for which no negative exists takes part with weight 0
     pair_images = torch.cat([images, images, all_images[image_negative.clamp(min=0)]])
