@@ -105,3 +105,33 @@ def test_a_tags_training_state_is_read_or_refused_by_name(tmp_path):
         (tmp_path / "train_state.json").write_text(bad)
         with pytest.raises(CheckpointError, match=f"{tmp_path / 'train_state.json'}: not a training-state record"):
             read_train_state(tmp_path)
+
+
+def test_a_zero3_conversion_gets_every_stages_layout_and_refuses_a_tensor_of_no_parameter(tmp_path):
+    """DeepSpeed's ZeRO-3 conversion writes flat tensors without a step, which its ZeRO-1/2 loader cannot read: they
+    become whole-shaped {param, cat_dim} files with the run's step (the resumes themselves: test_resume_world_size).
+    A flat tensor that no parameter of the tag's shapes fits stops the conversion, naming the file."""
+    out = tmp_path / "step00000003" / checkpoint.UNIVERSAL
+    (out / "zero" / "proj").mkdir(parents=True)
+    (out / checkpoint.COMPLETE).write_text("universal\n")
+    torch.save({"param_shapes": [{"proj": torch.Size([2, 3])}]}, out / checkpoint.MODEL_STATES[1])
+    groups = [{"lr": 0.1, "weight_decay": 0.0}]
+    torch.save({"param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": groups}},
+               out / "zero" / "optimizer_state.pt")
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        torch.save(torch.arange(6.0), out / "zero" / "proj" / f"{key}.pt")
+    assert checkpoint.universal_checkpoint(out.parent, [], log=lambda *a: None) == out
+    assert (out / checkpoint.MODEL_STATES[0]).is_file()
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        saved = torch.load(out / "zero" / "proj" / f"{key}.pt", weights_only=True)
+        assert saved["cat_dim"] == 0 and torch.equal(saved["param"], torch.arange(6.0).view(2, 3))
+    assert torch.load(out / "zero" / "proj" / "step.pt", weights_only=True) == 3
+    assert torch.load(out / "zero" / "optimizer_state.pt", weights_only=True)["ds_version"]
+
+    (out / "zero" / "optimizer_state.pt").unlink()
+    torch.save({"param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": groups}},
+               out / "zero" / "optimizer_state.pt")
+    (out / "zero" / "planted").mkdir()
+    torch.save(torch.zeros(5), out / "zero" / "planted" / "fp32.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"planted/fp32.pt: 5 values, and .* gives no parameter 'planted'"):
+        checkpoint.universal_checkpoint(out.parent, [], log=lambda *a: None)

@@ -383,8 +383,8 @@ def universal_checkpoint(tag_dir: Path, param_names: list[str], log=print) -> Pa
         (tmp / COMPLETE).write_text("universal\n")
         shutil.rmtree(out, ignore_errors=True)  # a conversion cut short before
         os.replace(tmp, out)
-    _readable_under_every_stage(out)
     verify_files(sorted(out.rglob("*.pt")))
+    _readable_under_every_stage(out)
     return out
 
 
@@ -415,6 +415,9 @@ def _readable_under_every_stage(out: Path) -> None:
         for file in folder.glob("*.pt"):
             tensor = torch.load(file, map_location="cpu", weights_only=True)
             if torch.is_tensor(tensor) and file.name != "step.pt":  # ZeRO-3's flat tensor
+                if folder.name not in shapes or shapes[folder.name].numel() != tensor.numel():
+                    raise CheckpointError(f"{file}: {tensor.numel()} values, and {states} gives no parameter "
+                                          f"{folder.name!r} of that size")
                 _save_replacing({"param": tensor.view(shapes[folder.name]), "cat_dim": 0}, file)
         if (folder / "exp_avg.pt").exists() and not (folder / "step.pt").exists():
             _save_replacing(step, folder / "step.pt")
