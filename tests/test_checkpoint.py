@@ -135,3 +135,40 @@ def test_a_zero3_conversion_gets_every_stages_layout_and_refuses_a_tensor_of_no_
     torch.save(torch.zeros(5), out / "zero" / "planted" / "fp32.pt")
     with pytest.raises(checkpoint.CheckpointError, match=r"planted/fp32.pt: 5 values, and .* gives no parameter 'planted'"):
         checkpoint.universal_checkpoint(out.parent, [], log=lambda *a: None)
+
+
+def test_a_stage0_conversion_gives_a_parameter_without_gradient_zero_moments_and_the_runs_step(tmp_path):
+    """torch's Adam keeps no state for a parameter that never had a gradient (VLMo's MLM head under ITC alone, the
+    recommender of fine_tuned before the freeze); DeepSpeed's loaders read moments for every parameter. Zeros are
+    what ZeRO's flat groups hold for it. The run's step is the largest: a part that stopped training keeps an
+    older one."""
+    tag = tmp_path / "step00000005"
+    tag.mkdir()
+    moments = {"exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+    optimizer = {"state": {0: {"step": torch.tensor(2.0), **moments}, 1: {"step": torch.tensor(5.0), **moments}},
+                 "param_groups": [{"lr": 0.1, "params": [0]}, {"lr": 0.2, "params": [1, 2]}]}
+    module = {"frozen_early": torch.zeros(2), "trained": torch.zeros(2), "unused": torch.full((3, 2), 7.0)}
+    torch.save({"module": module, "optimizer": optimizer}, tag / checkpoint.MODEL_STATES[0])
+    out = checkpoint.universal_checkpoint(tag, ["frozen_early", "trained", "unused"], log=lambda *a: None)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(torch.load(out / "zero" / "unused" / f"{key}.pt", weights_only=True)["param"], torch.zeros(3, 2))
+    assert torch.load(out / "zero" / "unused" / "step.pt", weights_only=True) == 5
+    assert torch.load(out / "zero" / "frozen_early" / "step.pt", weights_only=True) == 2  # its own, kept
+    global_state = torch.load(out / "zero" / "optimizer_state.pt", weights_only=True)
+    assert global_state["optimizer_state_dict"]["state"][0]["step"] == 5 and global_state["ds_version"]
+
+
+def test_a_checkpoint_holding_a_link_is_refused(tmp_path):
+    """A resume writes into the tag (its universal conversion): a link planted there would take the writes, with
+    bytes from the checkpoint, to a file elsewhere (a .pth that Python runs at start)."""
+    tag = tmp_path / "step00000005"
+    (tag / checkpoint.UNIVERSAL / "zero" / "w").mkdir(parents=True)
+    torch.save({"module": {}}, tag / checkpoint.MODEL_STATES[0])
+    checkpoint.verify_tag(tag)
+    (tag / checkpoint.UNIVERSAL / "zero" / "w" / "fp32.pt.tmp").symlink_to(tmp_path / "elsewhere.pth")
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"fp32.pt.tmp: refused: .* \(this is a symbolic link\)"):
+        checkpoint.verify_tag(tag)
+    (tag / checkpoint.UNIVERSAL / "zero" / "w" / "fp32.pt.tmp").unlink()
+    (tag / checkpoint.UNIVERSAL / "zero" / "x").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"zero/x: refused"):
+        checkpoint.verify_tag(tag)

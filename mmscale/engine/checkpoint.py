@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,16 @@ def discard(checkpoint_dir: Path, tag: str) -> None:
 
 def verify_tag(tag_dir: Path) -> None:
     """Checks every DeepSpeed file of a tag without unpickling anything: each must be a readable torch archive
-    whose pickle names only tensors, plain containers and DeepSpeed's checkpoint types."""
+    whose pickle names only tensors, plain containers and DeepSpeed's checkpoint types. And the tag, its universal
+    conversion included, holds plain files and folders only: a resume writes there, and a link would take reads and
+    writes outside it."""
+    for root, folders, names in os.walk(tag_dir):  # a linked folder is listed, not entered
+        for name in folders + names:
+            path = Path(root) / name
+            kind = os.lstat(path).st_mode
+            if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+                raise UnsafeCheckpointError(f"{path}: refused: a checkpoint holds plain files and folders only (this is "
+                                            f"{'a symbolic link' if stat.S_ISLNK(kind) else 'no plain file'})")
     files = sorted(Path(tag_dir).glob("*.pt"))
     if not files:
         raise DamagedCheckpointError(f"{tag_dir}: no DeepSpeed state files (*.pt)")
@@ -384,11 +394,11 @@ def universal_checkpoint(tag_dir: Path, param_names: list[str], log=print) -> Pa
         shutil.rmtree(out, ignore_errors=True)  # a conversion cut short before
         os.replace(tmp, out)
     verify_files(sorted(out.rglob("*.pt")))
-    _readable_under_every_stage(out)
+    _readable_under_every_stage(out, param_names)
     return out
 
 
-def _readable_under_every_stage(out: Path) -> None:
+def _readable_under_every_stage(out: Path, param_names: list[str]) -> None:
     """DeepSpeed's universal loaders (0.19.8) read a conversion in their own stage's layout only: the model states
     (client state, scheduler) under the name their stage saves them; the optimizer's global state with a DeepSpeed
     version and the groups at the top (ZeRO-1/2) or with the groups and the step under "optimizer_state_dict"
@@ -399,7 +409,10 @@ def _readable_under_every_stage(out: Path) -> None:
     states = model_states_file(out)
     for name in MODEL_STATES:
         if not (out / name).exists():
-            os.link(states, out / name)
+            try:
+                os.link(states, out / name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(states, out / name)
     zero = out / "zero"
     with safe_loading():
         global_state = torch.load(zero / "optimizer_state.pt", map_location="cpu")
@@ -407,9 +420,11 @@ def _readable_under_every_stage(out: Path) -> None:
             return
         param_shapes = torch.load(states, map_location="cpu").get("param_shapes") or []
     shapes = {name: shape for group in param_shapes for name, shape in group.items()}
-    steps = sorted(zero.glob("*/step.pt"))  # every parameter's Adam step is the run's
+    # the run's Adam step: ZeRO's is one for all; a stage-0 one keeps each parameter's, which stops growing where a
+    # part stops training (fine_tuned's encoder after the freeze): the largest is the trained parts'
+    steps = [torch.load(f, map_location="cpu", weights_only=True) for f in zero.glob("*/step.pt")]
     zero3_step = global_state.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step")
-    step = torch.load(steps[0], weights_only=True) if steps else zero3_step
+    step = max(steps) if steps else zero3_step
     step = torch.tensor(0.0) if step is None else torch.as_tensor(step, dtype=torch.float32)
     for folder in (f for f in zero.iterdir() if f.is_dir()):
         for file in folder.glob("*.pt"):
@@ -419,6 +434,13 @@ def _readable_under_every_stage(out: Path) -> None:
                     raise CheckpointError(f"{file}: {tensor.numel()} values, and {states} gives no parameter "
                                           f"{folder.name!r} of that size")
                 _save_replacing({"param": tensor.view(shapes[folder.name]), "cat_dim": 0}, file)
+    for name in param_names:  # a trained parameter that never had a gradient has no moments: ZeRO's flat groups hold zeros
+        folder = zero / name
+        if (folder / "fp32.pt").exists() and not (folder / "exp_avg.pt").exists():
+            weight = torch.load(folder / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+            for key in ("exp_avg", "exp_avg_sq"):
+                _save_replacing({"param": torch.zeros_like(weight), "cat_dim": 0}, folder / f"{key}.pt")
+    for folder in (f for f in zero.iterdir() if f.is_dir()):
         if (folder / "exp_avg.pt").exists() and not (folder / "step.pt").exists():
             _save_replacing(step, folder / "step.pt")
     global_state.setdefault("ds_version", deepspeed.__version__)
