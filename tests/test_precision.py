@@ -149,3 +149,20 @@ def test_bf16_vectors_are_scored_in_fp32_by_every_loss(world_shards):
     sequences, items = a[:, :16], torch.randn(len(task.cold), 16).bfloat16()
     assert torch.equal(task._next_item_logits(sequences, sequences, items, items),
                        task._next_item_logits(sequences.float(), sequences.float(), items.float(), items.float()))
+
+
+def test_the_logq_correction_stays_fp32_under_bf16(one_rank_group, world_shards, tmp_path):
+    """DeepSpeed casts a bf16 model's float buffers to bf16 (data_types.buffer_dtype): the logQ correction's
+    log-probabilities (near -4 to -10 here) had become steps of 0.03-0.06. It keeps integer counts now."""
+    import numpy as np
+
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.engine.trainer import Trainer
+
+    config = case_config("two_tower", str(world_shards), tmp_path, 2, 16, ["train.precision=bf16", "objectives.logq_correction=true"])
+    task = Trainer(config, log=lambda *a, **k: None).task
+    _, seen = ShardSet.open(world_shards).seen()
+    counts = np.maximum(np.bincount(seen, minlength=len(task.sampling_counts)), 1)
+    ids = torch.arange(len(counts))
+    assert next(task.parameters()).dtype == torch.bfloat16
+    assert torch.equal(task.log_sampling(ids), torch.from_numpy(np.log(counts / counts.sum())).float())

@@ -39,10 +39,13 @@ class RecommendationTask(Task):
         if config.objectives.logq_correction:  # an item's share of the training interactions: how often batches draw it
             _, seen = shards.seen()
             # an item never drawn counts once (it is never a training target anyway), so none is infinite
-            counts = torch.from_numpy(np.bincount(seen, minlength=shards.num_items)).double().clamp(min=1)
-            self.register_buffer("log_sampling", (counts / counts.sum()).log().float(), persistent=False)
+            # counts, not their logs: under bf16 DeepSpeed casts float buffers, and log-probabilities near -10 would
+            # move in steps of 0.06
+            counts = torch.from_numpy(np.bincount(seen, minlength=shards.num_items)).long().clamp(min=1)
+            self.register_buffer("sampling_counts", counts, persistent=False)
+            self.sampling_total = int(counts.sum())
         else:
-            self.log_sampling = None
+            self.sampling_counts = None
         if config.encoder.paradigm == "frozen":
             self.encoder.requires_grad_(False)
 
@@ -98,6 +101,10 @@ class RecommendationTask(Task):
             return self._cached_content(batch.item_ids)
         return super().batch_content(batch)
 
+    def log_sampling(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """log P(item drawn into a batch): its share of the training interactions (logQ correction), in fp32."""
+        return (self.sampling_counts[item_ids].double() / self.sampling_total).log().float()
+
     # -- towers -----------------------------------------------------------------------------------
     def item_embeddings(self, image, text, has_image, item_ids) -> torch.Tensor:
         return self.item_tower(image, text, has_image, item_ids)
@@ -143,7 +150,7 @@ class RecommendationTask(Task):
             all_users = gather(self.user_embeddings(batch.users, batch.history, hist))
             all_items = gather(items[targets])
             if self.config.objectives.rec_loss == "softmax":
-                log_sampling = self.log_sampling[all_ids] if self.log_sampling is not None else None
+                log_sampling = self.log_sampling(all_ids) if self.sampling_counts is not None else None
                 losses["rec"] = sampled_softmax_loss(all_users, all_items, all_ids, self.config.objectives.rec_temperature, log_sampling)
             else:
                 losses["rec"] = bpr_loss(all_users, all_items, all_ids)
