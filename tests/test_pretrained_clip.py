@@ -157,3 +157,29 @@ def test_capability_keys_are_refused_for_vlmo():
 
     with pytest.raises(ConfigError, match="encoder.trainable_blocks: needs an encoder with the 'open_clip_towers'"):
         load_config(None, ["encoder.kind=vlmo", "encoder.model=vlmo-tiny", "encoder.trainable_blocks=1"])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_forward_reads_no_tensor_on_the_host(encoder, monkeypatch, mode):
+    """The encoder's forward, whole and split at the frozen blocks, turns no tensor into a Python value: on a GPU each
+    such read waits for the device. (BertModel skipped its attention mask when no token was padding, a read of the mask
+    on every text forward.) The same embeddings as open_clip's own text forward."""
+    texts = ["a cowboy doll is threatened by a new spaceman toy", "two friends drive across the desert"]
+    tokens, images = encoder.preprocess().tokenize(texts), _images(2, 96)
+    encoder.train(mode == "train")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = encoder.clip.encode_text(tokens, normalize=True)
+
+    def read_on_host(self, *args):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, read_on_host)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, text = encoder(images, tokens)
+        encoder.from_frozen_blocks(*encoder.frozen_blocks(images, tokens))
+    monkeypatch.undo()
+    encoder.eval()
+    torch.testing.assert_close(text, expected, rtol=0, atol=1e-6)

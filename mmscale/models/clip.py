@@ -142,6 +142,13 @@ def _wholly_frozen(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _bert_like(text: nn.Module | None) -> bool:
+    """A Hugging Face text tower that runs as embeddings, then encoder.layer (BERT and its kin, MiniLM among them)."""
+    transformer = getattr(text, "transformer", None)
+    return (isinstance(text, HFTextEncoder) and hasattr(transformer, "embeddings")
+            and getattr(getattr(transformer, "encoder", None), "layer", None) is not None)
+
+
 class CLIPEncoder(ItemEncoder, FrozenBlockCache):
     @classmethod
     def from_config(cls, config) -> "CLIPEncoder":
@@ -192,10 +199,10 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         self.clip.lock_image_tower(unlocked_groups=blocks, freeze_bn_stats=False)
         text = getattr(self.clip, "text", None)
         if isinstance(text, HFTextEncoder):  # open_clip's lock of HF towers does not know BERT's layer list
-            layers = getattr(getattr(text.transformer, "encoder", None), "layer", None)
-            if layers is None:
+            if not _bert_like(text):
                 raise ConfigError(f"encoder.trainable_blocks: the layers of the text tower {type(text.transformer).__name__} "
-                                  f"are not known (BERT-like encoder.layer expected)")
+                                  f"are not known (BERT-like embeddings and encoder.layer expected)")
+            layers = text.transformer.encoder.layer
             for module in [text.transformer.embeddings, *layers[: max(0, len(layers) - blocks)]]:
                 module.requires_grad_(False)
         else:
@@ -222,7 +229,18 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         return self.clip.logit_scale
 
     def forward(self, images: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.clip.encode_image(images, normalize=True), self.clip.encode_text(text_tokens, normalize=True)
+        return self.clip.encode_image(images, normalize=True), self._encode_text(text_tokens)
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's encode_text; a Hugging Face BERT-like tower runs as from_frozen_blocks runs its top, whose attention
+        mask is built without BertModel's shortcut (asking the device whether any token is padding, a host sync on
+        every forward) and without BertModel's pooler when open_clip's pooling does not read it."""
+        text = self.clip.text
+        if not _bert_like(text):
+            return self.clip.encode_text(tokens, normalize=True)
+        mask = (tokens != text.config.pad_token_id).long()
+        hidden = self._text_layers(text.transformer.embeddings(input_ids=tokens), mask, text.transformer.encoder.layer)
+        return self._pooled_text(hidden, mask)
 
     # -- the frozen-block cache (encoder.cache_frozen_blocks) ----------------------------------------------------
     def _frozen_split(self) -> tuple[int, int]:
@@ -234,10 +252,10 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         if not all(hasattr(trunk, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
             raise ConfigError(f"{key}: the image tower of {self.model_name!r} is not a timm trunk of conv_stem, bn1, blocks, "
                               f"conv_head and bn2 (EfficientNet-like); the cache does not know where its blocks split")
-        layers = getattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer", None)
-        if not isinstance(text, HFTextEncoder) or layers is None:
+        if not _bert_like(text):
             raise ConfigError(f"{key}: the text tower of {self.model_name!r} is not a Hugging Face BERT-like encoder "
-                              f"(encoder.layer); the cache does not know where its layers split")
+                              f"(embeddings, encoder.layer); the cache does not know where its layers split")
+        layers = text.transformer.encoder.layer
         trained = lambda module: any(p.requires_grad for p in module.parameters())
         image_cut = next((i for i, block in enumerate(trunk.blocks) if trained(block)), len(trunk.blocks))
         text_cut = next((i for i, layer in enumerate(layers) if trained(layer)), len(layers))
@@ -259,22 +277,29 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
     def from_frozen_blocks(self, image: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What forward computes, from frozen_blocks' outputs: the same modules in the same order (so the same dropout
         draws), the top of each tower only."""
-        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-
         image_cut, text_cut = self._cuts
         trunk, text = self.clip.visual.trunk, self.clip.text
         features = trunk.forward_head(trunk.bn2(trunk.conv_head(trunk.blocks[image_cut:](image))))
         image_emb = F.normalize(self.clip.visual.head(features), dim=-1)
         hidden = self._text_layers(hidden, mask, text.transformer.encoder.layer[text_cut:])
+        return image_emb, self._pooled_text(hidden, mask)
+
+    def _pooled_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text embedding from the last layer's states, as open_clip's HFTextEncoder pools and projects them."""
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        text = self.clip.text
         pooler = text.transformer.pooler if getattr(text.pooler, "use_pooler_output", False) else None
         out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooler(hidden) if pooler else None)
-        return image_emb, F.normalize(text.proj(text.pooler(out, mask)), dim=-1)
+        return F.normalize(text.proj(text.pooler(out, mask)), dim=-1)
 
     def _text_layers(self, hidden: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
-        """BERT's encoder layers over `hidden`, with the attention mask BertModel builds from the padding mask."""
+        """BERT's encoder layers over `hidden`, with the attention mask BertModel builds from the padding mask, always
+        built: the shortcut for a batch without padding reads the mask on the host."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        attention = create_bidirectional_mask(config=self.clip.text.transformer.config, inputs_embeds=hidden, attention_mask=mask)
+        attention = create_bidirectional_mask(config=self.clip.text.transformer.config, inputs_embeds=hidden, attention_mask=mask,
+                                              allow_is_bidirectional_skip=False)
         for layer in layers:
             hidden = layer(hidden, attention)
         return hidden
