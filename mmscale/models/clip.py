@@ -235,7 +235,7 @@ class CLIPEncoder(ItemEncoder, FrozenBlockCache):
         """open_clip's encode_text; a Hugging Face BERT-like tower runs as from_frozen_blocks runs its top, whose attention
         mask is built without BertModel's shortcut (asking the device whether any token is padding, a host sync on
         every forward) and without BertModel's pooler when open_clip's pooling does not read it."""
-        text = self.clip.text
+        text = getattr(self.clip, "text", None)  # a CustomTextCLIP's tower (open_clip's own text transformer has none)
         if not _bert_like(text):
             return self.clip.encode_text(tokens, normalize=True)
         mask = (tokens != text.config.pad_token_id).long()
