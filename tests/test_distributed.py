@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -181,7 +182,7 @@ def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_pat
         assert grads["b_unused_everywhere"].item() == 1.0
 
 
-def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: Path) -> None:
+def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: Path, chunk: int) -> None:
     """MP4SR joint with `sequence.item_table=every_step` on the batch production gives this rank (one process: the
     union of two ranks' batches): the losses, and every gradient averaged over the ranks as the engine does. Seven
     items no batch holds are held out cold: the ranks share the other 73 (uneven shares)."""
@@ -192,9 +193,9 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
     from mmscale.data.shard_set import ShardSet
     from mmscale.data.stream import InteractionStream
     from mmscale.engine.distributed import all_reduce_sum, gather
-    from mmscale.eval.evaluate import Collectives, encode_catalogue
+    from mmscale.eval.evaluate import Collectives, cache_frozen_blocks
     from mmscale.models import build_preprocess
-    from mmscale.tasks import build_task
+    from mmscale.tasks import build_task, sequential
 
     config = load_config(None, [
         f"data.shards={world_shards}", "task=sequential", "sequence.mode=joint", "sequence.item_table=every_step",
@@ -213,41 +214,50 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
     # eval: the trained text layer's dropout draws differ by rank
     task = build_task(config, replace(shards, manifest=shards.manifest | {"cold_items": cold})).eval()
     coll = Collectives(rank, world_size, gather, all_reduce_sum)
-    *states, has_image = encode_catalogue(task, store, preprocess, coll, "cpu", 64, 0, encode=task.encoder.frozen_blocks)
-    task.set_frozen_block_cache(tuple(states), has_image, store.identity, coll.contiguous_share)
-    assert len(cold) == 7 and task.items_encoded(batch) == (73 if world_size == 1 else 37 - rank)
+    with mock.patch.object(sequential, "EVERY_ITEM_CHUNK", chunk):  # read when the cache is set
+        held = cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)  # as the trainer does: each rank its share
+    whole = sum(state[0].numel() * state.element_size() for state in task.frozen_block_states) * len(store) / 2**20
+    assert held == pytest.approx(whole / world_size, rel=0.02) and len(task.frozen_block_has_image) == len(store) == 80
+    encoded = task.items_encoded(batch)
+    assert len(cold) == 7 and (encoded == 73 if world_size == 1 else 30 <= encoded <= 43)
+    result = {"encoded": torch.tensor(encoded), "passes": torch.tensor(len(task.every_item_passes))}
     losses = task(batch, gather)
     sum(config.objectives.weights[name] * loss for name, loss in losses.items()).backward()
-    result = {f"loss/{name}": loss.detach() for name, loss in losses.items()}
+    result.update({f"loss/{name}": loss.detach() for name, loss in losses.items()})
     for name, p in task.named_parameters():
         if p.grad is not None:
             result[name] = all_reduce_sum(p.grad) / world_size
     torch.save(result, out / f"every-item-{world_size}-rank{rank}.pt")
 
 
-def _every_item_rank(rank: int, port: int, world_shards: Path, out: Path) -> None:
+def _every_item_rank(rank: int, port: int, world_shards: Path, out: Path, chunk: int) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    _every_item_gradients(world_shards, rank, 2, out)
+    _every_item_gradients(world_shards, rank, 2, out, chunk)
     dist.destroy_process_group()
 
 
 @needs_dual_encoder
-def test_every_item_table_on_two_ranks_equals_one_process(world_shards, tmp_path):
-    """Joint mode's every_step table on two ranks, each fed its own rows and encoding its half of the catalogue: the
-    losses and every parameter's gradient (the encoder's through every item of the table) are one process's."""
+@pytest.mark.parametrize("chunk", [128, 6])
+def test_every_item_table_on_two_ranks_equals_one_process(world_shards, tmp_path, chunk):
+    """Joint mode's every_step table on two ranks, each fed its own rows and holding and encoding its half of the
+    catalogue's frozen-block outputs: the losses and every parameter's gradient (the encoder's through every item of the
+    table) are one process's. In passes of 6 items rank 0, which holds the cold items, has fewer warm ones to encode:
+    it makes as many passes as rank 1 all the same (ZeRO-3 gathers the parameters for each pass of every rank)."""
     import torch.multiprocessing as mp
 
     from mmscale.engine.distributed import free_port
 
-    mp.spawn(_every_item_rank, args=(free_port(), world_shards, tmp_path), nprocs=2)
-    _every_item_gradients(world_shards, 0, 1, tmp_path)
+    mp.spawn(_every_item_rank, args=(free_port(), world_shards, tmp_path, chunk), nprocs=2)
+    _every_item_gradients(world_shards, 0, 1, tmp_path, chunk)
     reference = torch.load(tmp_path / "every-item-1-rank0.pt")
     assert sum(name.startswith("encoder.") for name in reference) > 4
-    for rank in (0, 1):
-        ranked = torch.load(tmp_path / f"every-item-2-rank{rank}.pt")
+    ranks = [torch.load(tmp_path / f"every-item-2-rank{rank}.pt") for rank in (0, 1)]
+    assert int(ranks[0].pop("encoded")) + int(ranks[1].pop("encoded")) == int(reference.pop("encoded"))
+    assert int(ranks[0].pop("passes")) == int(ranks[1].pop("passes")) == -(-40 // chunk) and reference.pop("passes")
+    for rank, ranked in enumerate(ranks):
         assert sorted(ranked) == sorted(reference)
         for name, value in reference.items():
             torch.testing.assert_close(ranked[name], value, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")

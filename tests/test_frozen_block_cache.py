@@ -114,3 +114,29 @@ def test_towers_the_cache_cannot_split_are_named():
     tiny = CLIPEncoder(str(REPO / "configs" / "models" / "clip-tiny.json"), trainable_blocks=1)
     with pytest.raises(ConfigError, match="encoder.cache_frozen_blocks: the image tower of .* is not a timm trunk"):
         tiny.check_frozen_block_cache()
+
+
+def test_each_rank_keeps_its_share_of_the_every_step_frozen_blocks(world_shards):
+    """sequence.item_table=every_step: each of 3 ranks keeps the frozen-block outputs of its contiguous share of the 80
+    items (27, 27 and 26, padded to 27 like every rank's), and gathers the has_image of its real items only."""
+    from mmscale.data.item_store import ItemStore
+    from mmscale.data.shard_set import ShardSet
+    from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, encode_catalogue, single_process
+    from mmscale.models import build_preprocess
+    from mmscale.tasks import build_task
+
+    config = load_config(None, [f"data.shards={world_shards}", "task=sequential", "sequence.mode=joint",
+                                "sequence.item_table=every_step", "encoder.cache_frozen_blocks=true", *DUAL_ENCODER])
+    task = build_task(config, ShardSet.open(world_shards))
+    store, preprocess = ItemStore(world_shards), build_preprocess(config.encoder)
+    *whole, has_image = encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0, encode=task.encoder.frozen_blocks)
+    assert task.shards_frozen_blocks and len(store) == 80
+    for rank in range(3):
+        sent: list[torch.Tensor] = []
+        coll = Collectives(rank, 3, gather=lambda x, uneven=False: sent.append(x) or x, all_reduce_sum=lambda x: x)
+        cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)
+        share = range(80)[coll.contiguous_share(80)]
+        assert task.frozen_block_first_item == share.start and [len(s) for s in task.frozen_block_states] == [27] * len(whole)
+        for held, every in zip(task.frozen_block_states, whole):
+            torch.testing.assert_close(held[: len(share)], every[share.start : share.stop])
+        assert len(sent) == 1 and torch.equal(sent[0], has_image[share.start : share.stop])

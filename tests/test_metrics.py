@@ -171,7 +171,7 @@ def test_share_covers_everything_with_equal_lengths(n, world):
     real_seen = []
     for rank, (indices, real) in enumerate(shares):
         assert len(indices) == expected_len  # equal length on every rank
-        mine = [i for i in range(n) if i % world == rank]  # reference: round-robin
+        mine = [i for i in range(n) if rank * expected_len <= i < (rank + 1) * expected_len]  # contiguous, in rank order
         assert real == len(mine)
         assert indices[:real] == mine
         for pad in indices[real:]:  # padding only repeats valid indices

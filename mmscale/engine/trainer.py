@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, dump_config
 from ..data.shard_set import ShardSet
 from ..data.stream import Batch, InteractionStream, make_loader
-from ..eval.evaluate import Collectives, encode_catalogue, evaluate
+from ..eval.evaluate import Collectives, cache_frozen_blocks, encode_catalogue, evaluate
 from ..locks import try_lock
 from ..models import build_preprocess
 from ..tasks import build_task
@@ -289,14 +289,13 @@ class Trainer:
     def cache_frozen_blocks(self) -> None:
         """encoder.cache_frozen_blocks: every item's frozen-block outputs (in parallel across ranks, in eval mode), held
         by the task from now on; recomputed at every start, never saved (the weights they come from never train)."""
-        store, encoder = self.stream.store, self.task.encoder
-        gathered = deepspeed.zero.GatheredParameters(list(encoder.parameters())) if self.zero_stage == 3 else nullcontext()
+        store = self.stream.store
+        gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
         with gathered:
-            *states, has_image = encode_catalogue(self.task, store, self.preprocess, self.collectives, self.dist.device,
-                                                  self.config.eval.batch_size, self.config.data.num_workers, encode=encoder.frozen_blocks)
-        self.task.set_frozen_block_cache(tuple(states), has_image, store.identity, self.collectives.contiguous_share)
-        size = sum(state.numel() * state.element_size() for state in states) / 2**20
-        self.log(f"step {self.step}: frozen blocks of {len(has_image)} items cached ({size:.1f} MiB on each rank)")
+            size = cache_frozen_blocks(self.task, store, self.preprocess, self.collectives, self.dist.device,
+                                       self.config.eval.batch_size, self.config.data.num_workers)
+        held = len(self.task.frozen_block_states[0])
+        self.log(f"step {self.step}: frozen blocks of {len(store)} items cached, {held} of them on this rank ({size:.1f} MiB)")
 
     def _set_content(self, content) -> None:
         self.content = content

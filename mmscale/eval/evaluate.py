@@ -50,17 +50,20 @@ def single_process() -> Collectives:
 
 
 def _share(n: int, coll: Collectives) -> tuple[list[int], int]:
-    """This rank's indices of range(n) and how many are real: padded (repeating the last) to equal length."""
-    mine = list(range(coll.rank, n, coll.world_size))
+    """This rank's contiguous indices of range(n) and how many are real: padded (repeating the last) to equal length."""
+    mine = list(range(n)[coll.contiguous_share(n)])
     length = -(-n // coll.world_size)
     return mine + [mine[-1] if mine else 0] * (length - len(mine)), len(mine)
 
 
 @torch.no_grad()
 def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int, num_workers: int,
-                     encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None) -> tuple[torch.Tensor, ...]:
+                     encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
+                     own_share: bool = False) -> tuple[torch.Tensor, ...]:
     """(image, text, has_image) of every item, [N, D], [N, D], [N], identical on every rank; with `encode`, what it
-    returns per item (each [N, ...]) and has_image.
+    returns per item (each [N, ...]) and has_image; with `own_share`, the rows of this rank's contiguous share of the
+    items only (Collectives.contiguous_share, padded as every rank's is to the same length by repeating its last item),
+    nothing gathered.
 
     In eval mode (no dropout or stochastic depth): a cache or an evaluation holds each item's one deterministic
     encoding, not one random draw of it. Where the task holds this store's frozen-block cache, items are encoded from
@@ -70,6 +73,7 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     was_training = task.training
     task.eval()
     mine = _share(n, coll)[0]
+    own: list[tuple[torch.Tensor, ...]] = []
     pixel_dtype = next(task.encoder.parameters()).dtype  # bf16 under train.precision=bf16
     from_cache = encode is None and task.frozen_block_states is not None and task.frozen_block_store == store.identity
     if from_cache:
@@ -84,13 +88,34 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
         else:
             images, tokens = part["images"].to(device, pixel_dtype), part["text_tokens"].to(device)
             encoded = (*(encode or task.encode_content)(images, tokens), part["has_image"].to(device))
+        if own_share:
+            own.append(encoded)
+            continue
         ids = coll.gather(ids)
         if outputs is None:
             outputs = [torch.zeros(n, *t.shape[1:], device=device, dtype=t.dtype) for t in encoded]
         for out, t in zip(outputs, encoded):
             out[ids] = coll.gather(t)
     task.train(was_training)
+    if own_share:
+        return tuple(torch.cat(parts) for parts in zip(*own))
     return tuple(outputs)
+
+
+def cache_frozen_blocks(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int,
+                        num_workers: int) -> float:
+    """Hands the task every item's frozen-block outputs (encoder.cache_frozen_blocks), encoded in parallel across ranks;
+    a task that reads only its own share of them (task.shards_frozen_blocks) keeps that share alone (padded to the
+    length of every rank's). Returns the MiB this rank holds."""
+    own_share = task.shards_frozen_blocks and coll.world_size > 1
+    *states, has_image = encode_catalogue(task, store, preprocess, coll, device, batch_size, num_workers,
+                                          encode=task.encoder.frozen_blocks, own_share=own_share)
+    first = 0
+    if own_share:  # every item's has_image (a byte each), in item order: the real items of each share
+        share = coll.contiguous_share(len(store))
+        has_image, first = coll.gather(has_image[: share.stop - share.start], uneven=True), share.start
+    task.set_frozen_block_cache(tuple(states), has_image, store.identity, first)
+    return sum(state.numel() * state.element_size() for state in states) / 2**20
 
 
 def _held_values(param: torch.Tensor, rank: int) -> torch.Tensor:

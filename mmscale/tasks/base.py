@@ -16,8 +16,9 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
     encode_content(images, text_tokens) -> (image, text)
     caches_frozen_blocks: bool                        encoder.cache_frozen_blocks: the engine encodes the catalogue's
     set_frozen_block_cache(states, has_image, store,  frozen blocks once and hands them over; batches then need no content;
-                           share)                     `share(n)`: this rank's contiguous slice of range(n), for work
-                                                      spread over the ranks (every warm item each step)
+                           first_item)                the states hold items first_item.. (every item, or where
+    shards_frozen_blocks: bool                        the task reads only them, this rank's contiguous share, padded to
+                                                      the length of every rank's); has_image covers every item
     cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
     content_cache_is_current: bool                    the cached content is what encoding the catalogue now would
@@ -54,10 +55,6 @@ class Ranking:
     user_vectors: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (users [B], history [B, L]) -> [B, E]
 
 
-def _everything(n: int) -> slice:
-    return slice(None)
-
-
 def decays(owner: nn.Module, name: str, param: nn.Parameter) -> bool:
     """Weight decay applies to the matrices that multiply inputs: linear and convolution weights, attention's
     packed input projection and bare projection matrices (open_clip's `proj`, `text_projection`). Never to
@@ -79,12 +76,13 @@ class Task(nn.Module, ABC):
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
         # every item's encoder content once cached (persistent=False: checkpoints save it beside the weights)
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
-        # encoder.cache_frozen_blocks: every item's frozen-block outputs, its has_image, and the item store they are of
-        # (never saved: a function of frozen weights and the items, recomputed at every start)
+        # encoder.cache_frozen_blocks: the frozen-block outputs of items first_item.. (all, or this rank's share), every
+        # item's has_image, and the item store they are of (never saved: a function of frozen weights and the items,
+        # recomputed at every start)
         self.frozen_block_states: tuple[torch.Tensor, ...] | None = None
+        self.frozen_block_first_item = 0
         self.frozen_block_has_image: torch.Tensor | None = None
         self.frozen_block_store: tuple | None = None
-        self.frozen_block_share: Callable[[int], slice] = _everything  # this rank's slice of range(n) (one process: all)
 
     @abstractmethod
     def forward(self, batch: Batch, gather: Gather) -> dict[str, torch.Tensor]:
@@ -142,14 +140,21 @@ class Task(nn.Module, ABC):
     def caches_frozen_blocks(self) -> bool:
         return self.config.encoder.cache_frozen_blocks
 
+    @property
+    def shards_frozen_blocks(self) -> bool:
+        """Whether each rank reads the frozen-block outputs of its contiguous share of the items only (and evaluation's,
+        which encodes the same share), so that it need hold no others."""
+        return False
+
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
-                               share: Callable[[int], slice] | None = None) -> None:
+                               first_item: int = 0) -> None:
         self.frozen_block_states, self.frozen_block_has_image, self.frozen_block_store = states, has_image, store_identity
-        self.frozen_block_share = share or _everything
+        self.frozen_block_first_item = first_item
 
     def cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, has_image) of these items from their cached frozen-block outputs."""
-        image, text = self.encoder.from_frozen_blocks(*(state[item_ids] for state in self.frozen_block_states))
+        rows = item_ids - self.frozen_block_first_item if self.frozen_block_first_item else item_ids
+        image, text = self.encoder.from_frozen_blocks(*(state[rows] for state in self.frozen_block_states))
         return image, text, self.frozen_block_has_image[item_ids]
 
     def items_encoded(self, batch: Batch) -> int:

@@ -210,21 +210,34 @@ class MP4SRTask(NextItemTask):
         d = self.encoder.embed_dim
         return content[:, :d], content[:, d:]
 
+    @property
+    def shards_frozen_blocks(self) -> bool:
+        return self.encodes_every_item  # each rank encodes the warm items of its share; evaluation, its share
+
+    def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
+                               first_item: int = 0) -> None:
+        super().set_frozen_block_cache(states, has_image, store_identity, first_item)
+        held = (self.warm_items >= first_item) & (self.warm_items < first_item + len(states[0]))
+        # Selected once: a boolean index each step would be a host sync. (items, how many of them are kept) per pass.
+        self.every_item_passes = [(chunk, len(chunk)) for chunk in self.warm_items[held].split(EVERY_ITEM_CHUNK)]
+        if len(states[0]) < len(self.cold):  # one rank's share: the same number of passes on every rank (ZeRO-3 gathers
+            # the trained blocks' parameters for each), a rank with fewer warm items encoding one item and dropping it
+            missing = -(-len(states[0]) // EVERY_ITEM_CHUNK) - len(self.every_item_passes)
+            self.every_item_passes += [(self.warm_items.new_tensor([first_item]), 0)] * missing
+
     def _every_item(self, gather: Gather) -> torch.Tensor:
-        """Every item's content [N, 2E] through the encoder's trained blocks, with gradient: each rank encodes its
-        contiguous share of the warm items and the all-gather (with gradient) lays the shares end to end, so the loss's
-        gradient reaches the encoder through every item, a negative as much as a target. Cold items get zero rows
-        without running the encoder: training never scores them (masked out of the softmax, absent from every
-        training sequence), so their rows carry no gradient."""
-        warm = self.warm_items
-        ids = warm[self.frozen_block_share(len(warm))]
-        parts = [self._content_features(*self.cached_content(chunk)) for chunk in ids.split(EVERY_ITEM_CHUNK)]
+        """Every item's content [N, 2E] through the encoder's trained blocks, with gradient: each rank encodes the warm
+        items whose frozen-block outputs it holds (its contiguous share of the catalogue) and the all-gather (with
+        gradient) lays the shares end to end, so the loss's gradient reaches the encoder through every item, a negative
+        as much as a target. Cold items get zero rows without running the encoder: training never scores them (masked
+        out of the softmax, absent from every training sequence), so their rows carry no gradient."""
+        parts = [self._content_features(*self.cached_content(items))[:kept] for items, kept in self.every_item_passes]
         rows = gather(torch.cat(parts), uneven=True)
-        return rows.new_zeros(len(self.cold), rows.shape[1]).index_copy(0, warm, rows)
+        return rows.new_zeros(len(self.cold), rows.shape[1]).index_copy(0, self.warm_items, rows)
 
     def items_encoded(self, batch: Batch) -> int:
         if self.encodes_every_item:
-            return len(range(len(self.warm_items))[self.frozen_block_share(len(self.warm_items))])
+            return sum(kept for _, kept in self.every_item_passes)
         return len(batch.item_ids)
 
     def _with_fresh(self, fresh: torch.Tensor, batch: Batch, gather: Gather) -> torch.Tensor:
