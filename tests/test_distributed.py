@@ -193,7 +193,7 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
     from mmscale.data.shard_set import ShardSet
     from mmscale.data.stream import InteractionStream
     from mmscale.engine.distributed import all_reduce_sum, gather
-    from mmscale.eval.evaluate import Collectives, cache_frozen_blocks
+    from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, evaluate
     from mmscale.models import build_preprocess
     from mmscale.tasks import build_task, sequential
 
@@ -212,12 +212,13 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
     shards = ShardSet.open(world_shards)
     torch.manual_seed(0)
     # eval: the trained text layer's dropout draws differ by rank
-    task = build_task(config, replace(shards, manifest=shards.manifest | {"cold_items": cold})).eval()
+    with_cold = replace(shards, manifest=shards.manifest | {"cold_items": cold})
+    task = build_task(config, with_cold).eval()
     coll = Collectives(rank, world_size, gather, all_reduce_sum)
     with mock.patch.object(sequential, "EVERY_ITEM_CHUNK", chunk):  # read when the cache is set
-        held = cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)  # as the trainer does: each rank its share
+        items, mib = cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)  # as the trainer does: each rank its share
     whole = sum(state[0].numel() * state.element_size() for state in task.frozen_block_states) * len(store) / 2**20
-    assert held == pytest.approx(whole / world_size, rel=0.02) and len(task.frozen_block_has_image) == len(store) == 80
+    assert items == 80 // world_size and mib == pytest.approx(whole / world_size) and len(task.frozen_block_has_image) == 80
     encoded = task.items_encoded(batch)
     assert len(cold) == 7 and (encoded == 73 if world_size == 1 else 30 <= encoded <= 43)
     result = {"encoded": torch.tensor(encoded), "passes": torch.tensor(len(task.every_item_passes))}
@@ -227,6 +228,10 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
     for name, p in task.named_parameters():
         if p.grad is not None:
             result[name] = all_reduce_sum(p.grad) / world_size
+    # evaluation encodes the catalogue from each rank's share of the cache
+    metrics = evaluate(task, with_cold, config.eval, preprocess, coll, "cpu")
+    result.update({f"{split}/{name}": torch.tensor(value, dtype=torch.float64)
+                   for split, values in metrics.items() for name, value in values.items()})
     torch.save(result, out / f"every-item-{world_size}-rank{rank}.pt")
 
 
@@ -243,8 +248,8 @@ def _every_item_rank(rank: int, port: int, world_shards: Path, out: Path, chunk:
 @pytest.mark.parametrize("chunk", [128, 6])
 def test_every_item_table_on_two_ranks_equals_one_process(world_shards, tmp_path, chunk):
     """Joint mode's every_step table on two ranks, each fed its own rows and holding and encoding its half of the
-    catalogue's frozen-block outputs: the losses and every parameter's gradient (the encoder's through every item of the
-    table) are one process's. In passes of 6 items rank 0, which holds the cold items, has fewer warm ones to encode:
+    catalogue's frozen-block outputs: the losses, every parameter's gradient (the encoder's through every item of the
+    table) and the evaluation's metrics (the catalogue encoded from those shares) are one process's. In passes of 6 items rank 0, which holds the cold items, has fewer warm ones to encode:
     it makes as many passes as rank 1 all the same (ZeRO-3 gathers the parameters for each pass of every rank)."""
     import torch.multiprocessing as mp
 
@@ -253,7 +258,7 @@ def test_every_item_table_on_two_ranks_equals_one_process(world_shards, tmp_path
     mp.spawn(_every_item_rank, args=(free_port(), world_shards, tmp_path, chunk), nprocs=2)
     _every_item_gradients(world_shards, 0, 1, tmp_path, chunk)
     reference = torch.load(tmp_path / "every-item-1-rank0.pt")
-    assert sum(name.startswith("encoder.") for name in reference) > 4
+    assert sum(name.startswith("encoder.") for name in reference) > 4 and float(reference["valid/samples"]) > 0
     ranks = [torch.load(tmp_path / f"every-item-2-rank{rank}.pt") for rank in (0, 1)]
     assert int(ranks[0].pop("encoded")) + int(ranks[1].pop("encoded")) == int(reference.pop("encoded"))
     assert int(ranks[0].pop("passes")) == int(ranks[1].pop("passes")) == -(-40 // chunk) and reference.pop("passes")

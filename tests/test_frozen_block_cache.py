@@ -118,7 +118,8 @@ def test_towers_the_cache_cannot_split_are_named():
 
 def test_each_rank_keeps_its_share_of_the_every_step_frozen_blocks(world_shards):
     """sequence.item_table=every_step: each of 3 ranks keeps the frozen-block outputs of its contiguous share of the 80
-    items (27, 27 and 26, padded to 27 like every rank's), and gathers the has_image of its real items only."""
+    items (27, 27 and 26, padded to 27 like every rank's), and gathers the has_image of its real items only; a catalogue
+    encoding with other collectives than the cache's is refused, and so is a catalogue smaller than the ranks."""
     from mmscale.data.item_store import ItemStore
     from mmscale.data.shard_set import ShardSet
     from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, encode_catalogue, single_process
@@ -136,7 +137,11 @@ def test_each_rank_keeps_its_share_of_the_every_step_frozen_blocks(world_shards)
         coll = Collectives(rank, 3, gather=lambda x, uneven=False: sent.append(x) or x, all_reduce_sum=lambda x: x)
         cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)
         share = range(80)[coll.contiguous_share(80)]
-        assert task.frozen_block_first_item == share.start and [len(s) for s in task.frozen_block_states] == [27] * len(whole)
+        assert task.frozen_block_items == share and [len(s) for s in task.frozen_block_states] == [27] * len(whole)
         for held, every in zip(task.frozen_block_states, whole):
             torch.testing.assert_close(held[: len(share)], every[share.start : share.stop])
         assert len(sent) == 1 and torch.equal(sent[0], has_image[share.start : share.stop])
+    with pytest.raises(RuntimeError, match="holds items 54..79; rank 0 of 1 encodes items 0..79"):
+        encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0)
+    with pytest.raises(ConfigError, match="80 items on 81 ranks"):
+        cache_frozen_blocks(task, store, preprocess, Collectives(0, 81, lambda x, uneven=False: x, lambda x: x), "cpu", 64, 0)

@@ -164,15 +164,15 @@ def _coll(rank: int, world: int) -> Collectives:
     return Collectives(rank, world, gather=lambda x: x, all_reduce_sum=lambda x: x)
 
 
-@pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1, 1), (2, 4), (7, 2), (5, 8), (0, 2)])
+@pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1, 1), (2, 4), (7, 2), (5, 8), (0, 2), (9, 4), (5, 4), (49, 8)])
 def test_share_covers_everything_with_equal_lengths(n, world):
     shares = [_share(n, _coll(r, world)) for r in range(world)]
     expected_len = -(-n // world)
     real_seen = []
     for rank, (indices, real) in enumerate(shares):
         assert len(indices) == expected_len  # equal length on every rank
-        mine = [i for i in range(n) if rank * expected_len <= i < (rank + 1) * expected_len]  # contiguous, in rank order
-        assert real == len(mine)
+        assert real == (n // world + (rank < n % world))  # none empty while n >= world; lengths differ by one at most
+        mine = list(range(sum(r for _, r in shares[:rank]), sum(r for _, r in shares[: rank + 1])))  # contiguous, in rank order
         assert indices[:real] == mine
         for pad in indices[real:]:  # padding only repeats valid indices
             assert 0 <= pad < max(n, 1)

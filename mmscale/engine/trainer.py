@@ -292,9 +292,8 @@ class Trainer:
         store = self.stream.store
         gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
         with gathered:
-            size = cache_frozen_blocks(self.task, store, self.preprocess, self.collectives, self.dist.device,
-                                       self.config.eval.batch_size, self.config.data.num_workers)
-        held = len(self.task.frozen_block_states[0])
+            held, size = cache_frozen_blocks(self.task, store, self.preprocess, self.collectives, self.dist.device,
+                                             self.config.eval.batch_size, self.config.data.num_workers)
         self.log(f"step {self.step}: frozen blocks of {len(store)} items cached, {held} of them on this rank ({size:.1f} MiB)")
 
     def _set_content(self, content) -> None:

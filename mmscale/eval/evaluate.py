@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..config import EvalConfig
+from ..config import ConfigError, EvalConfig
 from ..data.catalogue import catalogue_loader
 from ..data.item_store import ItemStore
 from ..data.preprocess import ItemPreprocess
@@ -35,9 +35,11 @@ class Collectives:
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
 
     def contiguous_share(self, n: int) -> slice:
-        """This rank's contiguous part of range(n), in rank order (an uneven all-gather of the parts is range(n))."""
-        per_rank = -(-n // self.world_size)
-        return slice(min(n, self.rank * per_rank), min(n, (self.rank + 1) * per_rank))
+        """This rank's contiguous part of range(n), in rank order (an uneven all-gather of the parts is range(n)); the
+        parts differ in length by one at most, so none is empty while n >= world_size."""
+        per_rank, longer = divmod(n, self.world_size)
+        start = self.rank * per_rank + min(self.rank, longer)
+        return slice(start, start + per_rank + (self.rank < longer))
 
 
 def _identity(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
@@ -77,6 +79,10 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
     pixel_dtype = next(task.encoder.parameters()).dtype  # bf16 under train.precision=bf16
     from_cache = encode is None and task.frozen_block_states is not None and task.frozen_block_store == store.identity
     if from_cache:
+        held = task.frozen_block_items
+        if mine and not held.start <= min(mine) <= max(mine) < held.stop:
+            raise RuntimeError(f"the frozen-block cache holds items {held.start}..{held.stop - 1}; rank {coll.rank} of "
+                               f"{coll.world_size} encodes items {min(mine)}..{max(mine)}: encode with the collectives it was cached with")
         ids = torch.tensor(mine, device=device)
         parts = [{"item_ids": ids[s : s + batch_size]} for s in range(0, len(ids), batch_size)]
     else:
@@ -103,19 +109,21 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
 
 
 def cache_frozen_blocks(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int,
-                        num_workers: int) -> float:
+                        num_workers: int) -> tuple[int, float]:
     """Hands the task every item's frozen-block outputs (encoder.cache_frozen_blocks), encoded in parallel across ranks;
     a task that reads only its own share of them (task.shards_frozen_blocks) keeps that share alone (padded to the
-    length of every rank's). Returns the MiB this rank holds."""
+    length of every rank's). Returns the items and MiB this rank holds."""
     own_share = task.shards_frozen_blocks and coll.world_size > 1
+    if own_share and len(store) < coll.world_size:
+        raise ConfigError(f"sequence.item_table=every_step: {len(store)} items on {coll.world_size} ranks; each rank encodes "
+                          f"its share of the catalogue each step and needs at least one item")
     *states, has_image = encode_catalogue(task, store, preprocess, coll, device, batch_size, num_workers,
                                           encode=task.encoder.frozen_blocks, own_share=own_share)
-    first = 0
+    share = coll.contiguous_share(len(store)) if own_share else slice(0, len(store))
     if own_share:  # every item's has_image (a byte each), in item order: the real items of each share
-        share = coll.contiguous_share(len(store))
-        has_image, first = coll.gather(has_image[: share.stop - share.start], uneven=True), share.start
-    task.set_frozen_block_cache(tuple(states), has_image, store.identity, first)
-    return sum(state.numel() * state.element_size() for state in states) / 2**20
+        has_image = coll.gather(has_image[: share.stop - share.start], uneven=True)
+    task.set_frozen_block_cache(tuple(states), has_image, store.identity, range(len(store))[share])
+    return share.stop - share.start, sum(state.numel() * state.element_size() for state in states) / 2**20
 
 
 def _held_values(param: torch.Tensor, rank: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
     encode_content(images, text_tokens) -> (image, text)
     caches_frozen_blocks: bool                        encoder.cache_frozen_blocks: the engine encodes the catalogue's
     set_frozen_block_cache(states, has_image, store,  frozen blocks once and hands them over; batches then need no content;
-                           first_item)                the states hold items first_item.. (every item, or where
+                           items)                     the states' first rows are these items' (every item, or where
     shards_frozen_blocks: bool                        the task reads only them, this rank's contiguous share, padded to
                                                       the length of every rank's); has_image covers every item
     cached_content(item_ids) -> (image, text, has_image)  items from that cache (training and catalogue encodings)
@@ -76,11 +76,11 @@ class Task(nn.Module, ABC):
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
         # every item's encoder content once cached (persistent=False: checkpoints save it beside the weights)
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
-        # encoder.cache_frozen_blocks: the frozen-block outputs of items first_item.. (all, or this rank's share), every
+        # encoder.cache_frozen_blocks: the frozen-block outputs of frozen_block_items (all, or this rank's share), every
         # item's has_image, and the item store they are of (never saved: a function of frozen weights and the items,
         # recomputed at every start)
         self.frozen_block_states: tuple[torch.Tensor, ...] | None = None
-        self.frozen_block_first_item = 0
+        self.frozen_block_items = range(0)
         self.frozen_block_has_image: torch.Tensor | None = None
         self.frozen_block_store: tuple | None = None
 
@@ -147,13 +147,15 @@ class Task(nn.Module, ABC):
         return False
 
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
-                               first_item: int = 0) -> None:
+                               items: range | None = None) -> None:
+        """`items`: whose outputs the states' first rows are (None: every item's, in order); rows after them are padding."""
         self.frozen_block_states, self.frozen_block_has_image, self.frozen_block_store = states, has_image, store_identity
-        self.frozen_block_first_item = first_item
+        self.frozen_block_items = range(len(has_image)) if items is None else items
 
     def cached_content(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, has_image) of these items from their cached frozen-block outputs."""
-        rows = item_ids - self.frozen_block_first_item if self.frozen_block_first_item else item_ids
+        first = self.frozen_block_items.start
+        rows = item_ids - first if first else item_ids
         image, text = self.encoder.from_frozen_blocks(*(state[rows] for state in self.frozen_block_states))
         return image, text, self.frozen_block_has_image[item_ids]
 

@@ -126,6 +126,7 @@ class MP4SRTask(NextItemTask):
         super().__init__(config, shards, self.MODE_LOSSES[seq.mode], seq.mode)
         self.trains_encoder = seq.mode == "joint"  # else the encoder, if any, is frozen and cached (validated)
         self.encodes_every_item = self.trains_encoder and seq.item_table == "every_step"
+        self.every_item_passes: list[tuple[torch.Tensor, int]] = []  # (items, how many kept) per pass: set with the cache
         self.from_encoder = seq.features == "encoder"
         self.encoder = build_encoder(config.encoder) if self.from_encoder else None
         if self.encoder is not None:
@@ -215,15 +216,16 @@ class MP4SRTask(NextItemTask):
         return self.encodes_every_item  # each rank encodes the warm items of its share; evaluation, its share
 
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
-                               first_item: int = 0) -> None:
-        super().set_frozen_block_cache(states, has_image, store_identity, first_item)
-        held = (self.warm_items >= first_item) & (self.warm_items < first_item + len(states[0]))
-        # Selected once: a boolean index each step would be a host sync. (items, how many of them are kept) per pass.
+                               items: range | None = None) -> None:
+        super().set_frozen_block_cache(states, has_image, store_identity, items)
+        items = self.frozen_block_items
+        held = (self.warm_items >= items.start) & (self.warm_items < items.stop)
+        # Selected once: a boolean index each step would be a host sync.
         self.every_item_passes = [(chunk, len(chunk)) for chunk in self.warm_items[held].split(EVERY_ITEM_CHUNK)]
-        if len(states[0]) < len(self.cold):  # one rank's share: the same number of passes on every rank (ZeRO-3 gathers
+        if len(items) < len(self.cold):  # one rank's share: the same number of passes on every rank (ZeRO-3 gathers
             # the trained blocks' parameters for each), a rank with fewer warm items encoding one item and dropping it
             missing = -(-len(states[0]) // EVERY_ITEM_CHUNK) - len(self.every_item_passes)
-            self.every_item_passes += [(self.warm_items.new_tensor([first_item]), 0)] * missing
+            self.every_item_passes += [(self.warm_items.new_tensor([items.start]), 0)] * missing
 
     def _every_item(self, gather: Gather) -> torch.Tensor:
         """Every item's content [N, 2E] through the encoder's trained blocks, with gradient: each rank encodes the warm
