@@ -288,7 +288,8 @@ class Trainer:
     @torch.no_grad()
     def cache_frozen_blocks(self) -> None:
         """encoder.cache_frozen_blocks: every item's frozen-block outputs (in parallel across ranks, in eval mode), held
-        by the task from now on; recomputed at every start, never saved (the weights they come from never train)."""
+        by the task from now on (each rank its share, where the task reads no other); recomputed at every start, never
+        saved (the weights they come from never train)."""
         store = self.stream.store
         gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
         with gathered:
