@@ -239,6 +239,10 @@ def _run_training(study: Study, row: Row, seed: int, run_dir: Path, log: Callabl
     if proc.returncode != 0:
         raise RowFailedError(f"row {row.name!r} seed {seed} failed (exit {proc.returncode}); see {run_dir / 'train.log'}; "
                          f"run the study again to continue from its latest checkpoint")
+    outcome = json.loads((run_dir / "outcome.json").read_text()) if (run_dir / "outcome.json").is_file() else {}
+    if not outcome.get("finished"):  # e.g. a SIGTERM to the training alone: it saves, exits 0 and is not done
+        raise RowFailedError(f"row {row.name!r} seed {seed} stopped at step {outcome.get('step', '?')} before its end; "
+                             f"run the study again to continue from its latest checkpoint")
     if not row.report:
         return {"eval": {}, "best_step": None, "best_tag": (run_dir / "checkpoints" / "latest").read_text().strip(),
                 "wall_s": wall, "resumed": resuming}

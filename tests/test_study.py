@@ -164,3 +164,25 @@ def test_choosing_on_test_is_refused(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"out": "o", "shards": "s", "metric": "test/ndcg@10", "rows": [{"name": "a", "baseline": "mostpop"}]}))
     assert load_program("tools/study.py").main([str(path)]) == 2
     assert "validation only" in capsys.readouterr().err
+
+
+def test_a_row_stopped_before_its_end_is_not_done(world_shards, tmp_path, monkeypatch):
+    """A training stopped on request (SIGTERM to it alone; here --stop-at) saves and exits 0: the study must not take
+    its best-so-far for the row's result. Run again, the row continues from its checkpoint and finishes."""
+    import subprocess
+
+    from mmscale import study as study_module
+    from mmscale.study import RowFailedError
+
+    path = write_study(tmp_path / "study.yaml", world_shards, tmp_path / "out", [
+        {"name": "tiny", "family": "two-tower", "config": str(REPO / "configs" / "demo.yaml"),
+         "set": ["data.batch_size=16", "train.max_steps=6", "train.eval_every=2", "train.save_every=1", "eval.splits=[valid]"]}])
+    loaded = load_study(path)
+    run = subprocess.run
+    monkeypatch.setattr(study_module.subprocess, "run", lambda command, **kw: run([*command, "--stop-at", "3"], **kw))
+    with pytest.raises(RowFailedError, match="'tiny' seed 0 stopped at step 3 before its end"):
+        run_study(loaded)
+    assert not (loaded.run_dir(loaded.rows[0], 0) / "result.json").exists()
+    monkeypatch.undo()
+    (result,) = run_study(loaded)
+    assert result["resumed"] and result["last_step"] == 6

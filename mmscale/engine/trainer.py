@@ -395,6 +395,7 @@ class Trainer:
         results = self.run_evaluation() if finished and not early and self.config.eval.splits else {}
         if results and self._track_best(results):
             self._record_best()  # the checkpoint just saved
+        self._record_outcome(finished)
         self.monitor.close()
         return {"scalars": last, "eval": results, "step": self.step, "stopped": self.stop_signal is not None and not finished,
                 "early_stopped": early, "best": self.best}
@@ -423,6 +424,14 @@ class Trainer:
             tmp = self.run_dir / "best.json.tmp"
             tmp.write_text(json.dumps(record, indent=2))
             os.replace(tmp, self.run_dir / "best.json")
+
+    def _record_outcome(self, finished: bool) -> None:
+        """RUN/outcome.json: how this process's training ended; a stop on request exits 0 like a finished run, and a
+        study must not take it for one."""
+        if self.dist.is_main:
+            tmp = self.run_dir / "outcome.json.tmp"
+            tmp.write_text(json.dumps({"step": self.step, "finished": finished, "early_stopped": self.patience_spent}))
+            os.replace(tmp, self.run_dir / "outcome.json")
 
     def _stop_nonfinite(self, names, losses, in_a_row: int) -> None:
         values = ", ".join(f"{n} {float(losses[n]):.4g}" for n in names)
