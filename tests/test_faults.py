@@ -44,31 +44,40 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def stop_job(launcher: subprocess.Popen) -> None:
+    """Kills whatever of the job is left (a failed check must not leave ranks training beside the next test)."""
+    if launcher.poll() is None:
+        for process in psutil.Process(launcher.pid).children(recursive=True):
+            process.kill()
+        launcher.kill()
+
+
 def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())
             and "--local_rank" in " ".join(p.cmdline())]
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(world_shards, tmp_path):
-    """What SLURM does before preemption: SIGTERM to every task. The ranks agree on the next step boundary,
-    save a complete checkpoint there and exit 0; --resume latest continues from it."""
+    """What SLURM does before preemption: SIGTERM to every process of the job, each rank's loader worker included (a
+    worker it ended stopped its rank mid-step, nothing saved). The ranks agree on the next step boundary, save a
+    complete checkpoint there and exit 0; --resume latest continues from it."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(world_shards, run_dir), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command(world_shards, run_dir, "--set", "data.num_workers=1"), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
         while not [s for s in logged_steps(run_dir) if s >= 2]:
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 2"
             time.sleep(0.5)
-        ranks = ranks_of(proc)
-        assert len(ranks) == 2
+        job = ranks_of(proc)  # the ranks and their loader workers (forked: the same command line; an epoch's end may
+        workers = [p for p in job if p.ppid() in {q.pid for q in job}]  # overlap two generations of them)
+        assert len(job) - len(workers) == 2 and workers
         sent = time.monotonic()
-        for rank in ranks:
-            rank.send_signal(signal.SIGTERM)
+        for process in job:
+            process.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=EXIT_BOUND_S)
         took = time.monotonic() - sent
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_job(proc)
     assert proc.returncode == 0, out[-3000:]
     assert took < EXIT_BOUND_S
     assert "received SIGTERM" in out and "stopped at step" in out
@@ -152,8 +161,7 @@ def test_a_killed_rank_takes_the_job_down_and_resume_continues_exactly(world_sha
         out, _ = proc.communicate(timeout=EXIT_BOUND_S)
         took = time.monotonic() - killed
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_job(proc)
     assert proc.returncode != 0 and took < EXIT_BOUND_S, out[-3000:]
     assert f"rank 0: lost rank 1 (pid {victim.pid} on " in out, out[-3000:]
     survivors = [p for p in psutil.process_iter(["cmdline"]) if f"train.run_dir={killed_dir}" in (p.info["cmdline"] or [])]
@@ -207,8 +215,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(world_shards
         workers[1].kill()
         out, _ = proc.communicate(timeout=900)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_job(proc)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out
     straight = tmp_path / "straight"

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .item_store import ItemStore
 from .preprocess import ItemPreprocess
-from .workers import release_free_heap
+from .workers import leave_sigterm_to_the_trainer, release_free_heap
 
 
 class CatalogueItems(Dataset):
@@ -50,4 +50,5 @@ def catalogue_loader(store: ItemStore, preprocess: ItemPreprocess, items: list[i
     if num_workers:
         release_free_heap()
     # its own generator: worker seeds drawn from the global one would shift training's dropout draws
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate, generator=torch.Generator())
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate, generator=torch.Generator(),
+                      worker_init_fn=leave_sigterm_to_the_trainer)

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .format import IMAGE_KEYS, ShardFormatError
 from .shard_set import ShardSet
 from .preprocess import ItemPreprocess
-from .workers import release_free_heap
+from .workers import leave_sigterm_to_the_trainer, release_free_heap
 
 PAD = -1  # history padding and "no slot"
 # Resampled reading draws shards with replacement: with a single readable shard among N, the chance that none of
@@ -319,4 +319,5 @@ def make_loader(stream: InteractionStream, num_workers: int, pin_memory: bool = 
         persistent_workers=False,  # each epoch re-forks workers with the new epoch/start_batch
         prefetch_factor=4 if num_workers else None,
         generator=torch.Generator(),
+        worker_init_fn=leave_sigterm_to_the_trainer,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import signal
 
 
 def release_free_heap() -> None:
@@ -14,3 +15,11 @@ def release_free_heap() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker_init_fn: the worker ignores SIGTERM. A scheduler's preemption notice reaches every process of
+    the job; a worker it ended would stop its trainer mid-step ("DataLoader worker ... is killed by signal") before the
+    trainer saves at the next step boundary. The worker still ends with its trainer (the loader's shutdown, or its
+    watchdog on the parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
