@@ -47,7 +47,8 @@ class EncoderConfig:
     trainable_blocks: int | None = None
     # With trainable_blocks: compute the frozen blocks' outputs once per item (at the start, in eval mode, across ranks)
     # and train on them; batches then carry no images or text and each step runs only the trained top of each tower.
-    # Costs host (or device) memory per item: the activations where the towers split (see the README).
+    # Costs device memory per item, each rank holding its share of the catalogue: the activations where the towers
+    # split (see the README).
     cache_frozen_blocks: bool = False
     image_size: int | None = None  # clip: the image side in pixels (unset: the architecture's)
     context_length: int | None = None  # clip: text tokens per item (unset: the architecture's)

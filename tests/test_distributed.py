@@ -182,46 +182,61 @@ def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_pat
         assert grads["b_unused_everywhere"].item() == 1.0
 
 
-def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: Path, chunk: int) -> None:
-    """MP4SR joint with `sequence.item_table=every_step` on the batch production gives this rank (one process: the
-    union of two ranks' batches): the losses, and every gradient averaged over the ranks as the engine does. Seven
-    items no batch holds are held out cold: the ranks share the other 73 (uneven shares)."""
+FROZEN_BLOCK_CASES = {  # training on encoder.cache_frozen_blocks, each rank holding its share of the catalogue's
+    "every_step": ["task=sequential", "sequence.mode=joint", "sequence.item_table=every_step", "sequence.dropout=0.0",
+                   "sequence.adaptor_dropout=0.0", "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}"],
+    "cached_table": ["task=sequential", "sequence.mode=joint", "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0",
+                     "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}"],
+    "two_tower": ["task=two_tower", "objectives.weights={rec: 1.0, itc: 0.1}"],
+}
+
+
+def _frozen_block_gradients(world_shards: Path, rank: int, world_size: int, out: Path, case: str, chunk: int) -> None:
+    """A step on the frozen-block cache on the batch production gives this rank (one process: the union of two ranks'
+    batches): the losses, and every gradient averaged over the ranks as the engine does, then the evaluation's metrics.
+    MP4SR: seven items no batch holds are held out cold, the ranks share the other 73 (uneven shares)."""
     from dataclasses import replace
 
     from mmscale.config import load_config
     from mmscale.data.item_store import ItemStore
     from mmscale.data.shard_set import ShardSet
     from mmscale.data.stream import InteractionStream
-    from mmscale.engine.distributed import all_reduce_sum, gather
-    from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, evaluate
+    from mmscale.engine.distributed import all_reduce_sum, exchange, gather
+    from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, encode_catalogue, evaluate
     from mmscale.models import build_preprocess
     from mmscale.tasks import build_task, sequential
 
     config = load_config(None, [
-        f"data.shards={world_shards}", "task=sequential", "sequence.mode=joint", "sequence.item_table=every_step",
-        "sequence.dropout=0.0", "sequence.adaptor_dropout=0.0", "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}",
-        f"encoder.model={REPO / 'configs/models/minilm-effnet.json'}", "encoder.image_size=64", "encoder.context_length=16",
-        "encoder.trainable_blocks=1", "encoder.cache_frozen_blocks=true", "data.history_content=false"])
+        f"data.shards={world_shards}", *FROZEN_BLOCK_CASES[case], f"encoder.model={REPO / 'configs/models/minilm-effnet.json'}",
+        "encoder.image_size=64", "encoder.context_length=16", "encoder.trainable_blocks=1", "encoder.cache_frozen_blocks=true",
+        "data.history_content=false"])
     store, preprocess = ItemStore(world_shards), build_preprocess(config.encoder)
     per_rank = [InteractionStream(world_shards, "train", 8, preprocess, rank=r, world_size=2, resampled=True, shuffle_buffer=0,
                                   history_content=False, content=False) for r in range(2)]
     raw = [next(stream.raw_batches()) for stream in per_rank]
     union = per_rank[0].decode(raw[0] + raw[1])
     batch = per_rank[rank].decode(raw[rank]) if world_size == 2 else union
-    cold = sorted(set(range(len(store))) - set(union.history.flatten().tolist()) - set(union.targets.tolist()))[:7]
     shards = ShardSet.open(world_shards)
+    if config.task == "sequential":
+        cold = sorted(set(range(len(store))) - set(union.history.flatten().tolist()) - set(union.targets.tolist()))[:7]
+        assert len(cold) == 7
+        shards = replace(shards, manifest=shards.manifest | {"cold_items": cold})
     torch.manual_seed(0)
-    # eval: the trained text layer's dropout draws differ by rank
-    with_cold = replace(shards, manifest=shards.manifest | {"cold_items": cold})
-    task = build_task(config, with_cold).eval()
-    coll = Collectives(rank, world_size, gather, all_reduce_sum)
+    task = build_task(config, shards).eval()  # eval: the trained text layer's dropout draws differ by rank
+    coll = Collectives(rank, world_size, gather, all_reduce_sum, exchange)
     with mock.patch.object(sequential, "EVERY_ITEM_CHUNK", chunk):  # read when the cache is set
         items, mib = cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)  # as the trainer does: each rank its share
     whole = sum(state[0].numel() * state.element_size() for state in task.frozen_block_states) * len(store) / 2**20
     assert items == 80 // world_size and mib == pytest.approx(whole / world_size) and len(task.frozen_block_has_image) == 80
-    encoded = task.items_encoded(batch)
-    assert len(cold) == 7 and (encoded == 73 if world_size == 1 else 30 <= encoded <= 43)
-    result = {"encoded": torch.tensor(encoded), "passes": torch.tensor(len(task.every_item_passes))}
+    if case == "cached_table":  # the trainer's first refresh
+        task.set_content_cache(*encode_catalogue(task, store, preprocess, coll, "cpu", 64, 0))
+    result = {}
+    if case == "every_step":
+        encoded = task.items_encoded(batch)
+        assert encoded == 73 if world_size == 1 else 30 <= encoded <= 43
+        result = {"encoded": torch.tensor(encoded), "passes": torch.tensor(len(task.every_item_passes))}
+    else:  # the batch's items are read from both ranks' shares
+        assert world_size == 1 or len({int(i) * world_size // 80 for i in batch.item_ids}) == 2
     losses = task(batch, gather)
     sum(config.objectives.weights[name] * loss for name, loss in losses.items()).backward()
     result.update({f"loss/{name}": loss.detach() for name, loss in losses.items()})
@@ -229,39 +244,42 @@ def _every_item_gradients(world_shards: Path, rank: int, world_size: int, out: P
         if p.grad is not None:
             result[name] = all_reduce_sum(p.grad) / world_size
     # evaluation encodes the catalogue from each rank's share of the cache
-    metrics = evaluate(task, with_cold, config.eval, preprocess, coll, "cpu")
+    metrics = evaluate(task, shards, config.eval, preprocess, coll, "cpu")
     result.update({f"{split}/{name}": torch.tensor(value, dtype=torch.float64)
                    for split, values in metrics.items() for name, value in values.items()})
-    torch.save(result, out / f"every-item-{world_size}-rank{rank}.pt")
+    torch.save(result, out / f"{case}-{world_size}-rank{rank}.pt")
 
 
-def _every_item_rank(rank: int, port: int, world_shards: Path, out: Path, chunk: int) -> None:
+def _frozen_block_rank(rank: int, port: int, world_shards: Path, out: Path, case: str, chunk: int) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    _every_item_gradients(world_shards, rank, 2, out, chunk)
+    _frozen_block_gradients(world_shards, rank, 2, out, case, chunk)
     dist.destroy_process_group()
 
 
 @needs_dual_encoder
-@pytest.mark.parametrize("chunk", [128, 6])
-def test_every_item_table_on_two_ranks_equals_one_process(world_shards, tmp_path, chunk):
-    """Joint mode's every_step table on two ranks, each fed its own rows and holding and encoding its half of the
-    catalogue's frozen-block outputs: the losses, every parameter's gradient (the encoder's through every item of the
-    table) and the evaluation's metrics (the catalogue encoded from those shares) are one process's. In passes of 6 items rank 0, which holds the cold items, has fewer warm ones to encode:
-    it makes as many passes as rank 1 all the same (ZeRO-3 gathers the parameters for each pass of every rank)."""
+@pytest.mark.parametrize("case, chunk", [("every_step", 128), ("every_step", 6), ("cached_table", 128), ("two_tower", 128)])
+def test_frozen_block_cache_on_two_ranks_equals_one_process(world_shards, tmp_path, case, chunk):
+    """Training on the frozen-block cache on two ranks, each fed its own rows and holding its half of the catalogue's
+    frozen-block outputs: the losses, every parameter's gradient and the evaluation's metrics (the catalogue encoded
+    from those shares) are one process's. MP4SR joint's every_step table: each rank encodes its half, the encoder's
+    gradient flows through every item of the table; in passes of 6 items rank 0, which holds the cold items, has fewer
+    warm ones to encode, and makes as many passes as rank 1 all the same (ZeRO-3 gathers the parameters for each pass
+    of every rank). Joint's cached table and the two-tower: a batch's items are read from both ranks' halves."""
     import torch.multiprocessing as mp
 
     from mmscale.engine.distributed import free_port
 
-    mp.spawn(_every_item_rank, args=(free_port(), world_shards, tmp_path, chunk), nprocs=2)
-    _every_item_gradients(world_shards, 0, 1, tmp_path, chunk)
-    reference = torch.load(tmp_path / "every-item-1-rank0.pt")
+    mp.spawn(_frozen_block_rank, args=(free_port(), world_shards, tmp_path, case, chunk), nprocs=2)
+    _frozen_block_gradients(world_shards, 0, 1, tmp_path, case, chunk)
+    reference = torch.load(tmp_path / f"{case}-1-rank0.pt")
     assert sum(name.startswith("encoder.") for name in reference) > 4 and float(reference["valid/samples"]) > 0
-    ranks = [torch.load(tmp_path / f"every-item-2-rank{rank}.pt") for rank in (0, 1)]
-    assert int(ranks[0].pop("encoded")) + int(ranks[1].pop("encoded")) == int(reference.pop("encoded"))
-    assert int(ranks[0].pop("passes")) == int(ranks[1].pop("passes")) == -(-40 // chunk) and reference.pop("passes")
+    ranks = [torch.load(tmp_path / f"{case}-2-rank{rank}.pt") for rank in (0, 1)]
+    if case == "every_step":
+        assert int(ranks[0].pop("encoded")) + int(ranks[1].pop("encoded")) == int(reference.pop("encoded"))
+        assert int(ranks[0].pop("passes")) == int(ranks[1].pop("passes")) == -(-40 // chunk) and reference.pop("passes")
     for rank, ranked in enumerate(ranks):
         assert sorted(ranked) == sorted(reference)
         for name, value in reference.items():

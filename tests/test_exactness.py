@@ -164,13 +164,13 @@ def test_catalogue_content_is_encoded_in_eval_mode(world_shards, vlmo_tokenizer,
     """A cache holds each item's one deterministic encoding, not one draw of its stochastic depth; the task's
     training mode is left as it was."""
     from mmscale.data.item_store import ItemStore
-    from mmscale.eval.evaluate import Collectives, encode_catalogue
+    from mmscale.eval.evaluate import encode_catalogue, single_process
 
     arch = json.loads((REPO / "configs/models/vlmo-tiny.json").read_text()) | {"drop_path": 0.5}
     (tmp_path / "vlmo.json").write_text(json.dumps(arch))
     task, config = task_for(world_shards, "encoder.kind=vlmo", f"encoder.model={tmp_path / 'vlmo.json'}", f"encoder.tokenizer={vlmo_tokenizer}")
     task.train()
-    store, coll = ItemStore(world_shards), Collectives(0, 1, one_process, one_process)
+    store, coll = ItemStore(world_shards), single_process()
     first = encode_catalogue(task, store, build_preprocess(config.encoder), coll, "cpu", 32, 0)
     again = encode_catalogue(task, store, build_preprocess(config.encoder), coll, "cpu", 32, 0)
     assert task.training

@@ -116,25 +116,26 @@ def test_towers_the_cache_cannot_split_are_named():
         tiny.check_frozen_block_cache()
 
 
-def test_each_rank_keeps_its_share_of_the_every_step_frozen_blocks(world_shards):
-    """sequence.item_table=every_step: each of 3 ranks keeps the frozen-block outputs of its contiguous share of the 80
-    items (27, 27 and 26, padded to 27 like every rank's), and gathers the has_image of its real items only; a catalogue
-    encoding with other collectives than the cache's is refused, and so is a catalogue smaller than the ranks."""
+@pytest.mark.parametrize("task_settings", [["task=sequential", "sequence.mode=joint", "sequence.item_table=every_step"],
+                                           ["task=two_tower"]], ids=["every_step", "two_tower"])
+def test_each_rank_keeps_its_share_of_the_frozen_blocks(world_shards, task_settings):
+    """Each of 3 ranks keeps the frozen-block outputs of its contiguous share of the 80 items (27, 27 and 26, padded to 27
+    like every rank's), and gathers the has_image of its real items only; a catalogue encoding with other collectives
+    than the cache's is refused, and so is a catalogue smaller than the ranks."""
     from mmscale.data.item_store import ItemStore
     from mmscale.data.shard_set import ShardSet
     from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, encode_catalogue, single_process
     from mmscale.models import build_preprocess
     from mmscale.tasks import build_task
 
-    config = load_config(None, [f"data.shards={world_shards}", "task=sequential", "sequence.mode=joint",
-                                "sequence.item_table=every_step", "encoder.cache_frozen_blocks=true", *DUAL_ENCODER])
+    config = load_config(None, [f"data.shards={world_shards}", *task_settings, "encoder.cache_frozen_blocks=true", *DUAL_ENCODER])
     task = build_task(config, ShardSet.open(world_shards))
     store, preprocess = ItemStore(world_shards), build_preprocess(config.encoder)
     *whole, has_image = encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0, encode=task.encoder.frozen_blocks)
-    assert task.shards_frozen_blocks and len(store) == 80
+    assert len(store) == 80
     for rank in range(3):
         sent: list[torch.Tensor] = []
-        coll = Collectives(rank, 3, gather=lambda x, uneven=False: sent.append(x) or x, all_reduce_sum=lambda x: x)
+        coll = Collectives(rank, 3, gather=lambda x, uneven=False: sent.append(x) or x, all_reduce_sum=lambda x: x, exchange=None)
         cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)
         share = range(80)[coll.contiguous_share(80)]
         assert task.frozen_block_items == share and [len(s) for s in task.frozen_block_states] == [27] * len(whole)
@@ -144,4 +145,4 @@ def test_each_rank_keeps_its_share_of_the_every_step_frozen_blocks(world_shards)
     with pytest.raises(RuntimeError, match="holds items 54..79; rank 0 of 1 encodes items 0..79"):
         encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0)
     with pytest.raises(ConfigError, match="80 items on 81 ranks"):
-        cache_frozen_blocks(task, store, preprocess, Collectives(0, 81, lambda x, uneven=False: x, lambda x: x), "cpu", 64, 0)
+        cache_frozen_blocks(task, store, preprocess, Collectives(0, 81, lambda x, uneven=False: x, lambda x: x, None), "cpu", 64, 0)

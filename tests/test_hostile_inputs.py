@@ -219,7 +219,7 @@ def test_the_finiteness_check_skips_the_padding_of_zero3_partitions():
 
     def check(rank: int, partition: list[float]) -> None:
         task.weight.ds_tensor = torch.tensor(partition)
-        check_finite_parameters(task, Collectives(rank, 2, lambda x, uneven=False: x, lambda x: x), "cpu")
+        check_finite_parameters(task, Collectives(rank, 2, lambda x, uneven=False: x, lambda x: x, None), "cpu")
 
     check(1, [0.5, float("nan")])
     with pytest.raises(NonFiniteModelError, match="weight"):

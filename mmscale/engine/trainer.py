@@ -33,8 +33,8 @@ from ..models import build_preprocess
 from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from .distributed import (all_reduce_sum, any_rank, average_gradients_in_backward, barrier, deepspeed, gather, init_distributed,
-                          use_deterministic_algorithms)
+from .distributed import (all_reduce_sum, any_rank, average_gradients_in_backward, barrier, deepspeed, exchange, gather,
+                          init_distributed, use_deterministic_algorithms)
 from .monitor import Monitor, run_log
 
 
@@ -143,7 +143,7 @@ class Trainer:
         )
         self.task = self.engine.module
         self.engine.enable_backward_allreduce = not self.reduces_in_backward
-        self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum)
+        self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum, exchange)
 
         self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         self.resumed_from = None
@@ -288,8 +288,8 @@ class Trainer:
     @torch.no_grad()
     def cache_frozen_blocks(self) -> None:
         """encoder.cache_frozen_blocks: every item's frozen-block outputs (in parallel across ranks, in eval mode), held
-        by the task from now on (each rank its share, where the task reads no other); recomputed at every start, never
-        saved (the weights they come from never train)."""
+        by the task from now on, each rank its share of the catalogue; recomputed at every start, never saved (the
+        weights they come from never train)."""
         store = self.stream.store
         gathered = deepspeed.zero.GatheredParameters(list(self.task.encoder.parameters())) if self.zero_stage == 3 else nullcontext()
         with gathered:

@@ -33,22 +33,24 @@ class Collectives:
     world_size: int
     gather: Callable[..., torch.Tensor]  # all-gather along dim 0 (uneven=True: ranks may hold different numbers of rows)
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    exchange: Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]  # all-to-all along dim 0 (send, receive sizes)
 
-    def contiguous_share(self, n: int) -> slice:
-        """This rank's contiguous part of range(n), in rank order (an uneven all-gather of the parts is range(n)); the
-        parts differ in length by one at most, so none is empty while n >= world_size."""
+    def contiguous_share(self, n: int, rank: int | None = None) -> slice:
+        """This rank's (or `rank`'s) contiguous part of range(n), in rank order (an uneven all-gather of the parts is
+        range(n)); the parts differ in length by one at most, so none is empty while n >= world_size."""
+        rank = self.rank if rank is None else rank
         per_rank, longer = divmod(n, self.world_size)
-        start = self.rank * per_rank + min(self.rank, longer)
-        return slice(start, start + per_rank + (self.rank < longer))
+        start = rank * per_rank + min(rank, longer)
+        return slice(start, start + per_rank + (rank < longer))
 
 
-def _identity(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
+def _identity(x: torch.Tensor, *sizes, uneven: bool = False) -> torch.Tensor:
     return x
 
 
 def single_process() -> Collectives:
     """One process holds every rank's share: the collectives are identities."""
-    return Collectives(0, 1, _identity, _identity)
+    return Collectives(0, 1, _identity, _identity, _identity)
 
 
 def _share(n: int, coll: Collectives) -> tuple[list[int], int]:
@@ -110,20 +112,50 @@ def encode_catalogue(task, store: ItemStore, preprocess: ItemPreprocess, coll: C
 
 def cache_frozen_blocks(task, store: ItemStore, preprocess: ItemPreprocess, coll: Collectives, device, batch_size: int,
                         num_workers: int) -> tuple[int, float]:
-    """Hands the task every item's frozen-block outputs (encoder.cache_frozen_blocks), encoded in parallel across ranks;
-    a task that reads only its own share of them (task.shards_frozen_blocks) keeps that share alone (padded to the
-    length of every rank's). Returns the items and MiB this rank holds."""
-    own_share = task.shards_frozen_blocks and coll.world_size > 1
-    if own_share and len(store) < coll.world_size:
-        raise ConfigError(f"sequence.item_table=every_step: {len(store)} items on {coll.world_size} ranks; each rank encodes "
-                          f"its share of the catalogue each step and needs at least one item")
+    """Hands the task every item's frozen-block outputs (encoder.cache_frozen_blocks), encoded in parallel across ranks,
+    each rank keeping its contiguous share alone (padded to the length of every rank's) and every item's has_image;
+    rows of other ranks' items reach a batch through `rows_across_ranks`. Returns the items and MiB this rank holds."""
+    if len(store) < coll.world_size:
+        raise ConfigError(f"encoder.cache_frozen_blocks: {len(store)} items on {coll.world_size} ranks; each rank holds "
+                          f"its share of the catalogue's frozen blocks and needs at least one item")
+    sharded = coll.world_size > 1
     *states, has_image = encode_catalogue(task, store, preprocess, coll, device, batch_size, num_workers,
-                                          encode=task.encoder.frozen_blocks, own_share=own_share)
-    share = coll.contiguous_share(len(store)) if own_share else slice(0, len(store))
-    if own_share:  # every item's has_image (a byte each), in item order: the real items of each share
+                                          encode=task.encoder.frozen_blocks, own_share=sharded)
+    share = coll.contiguous_share(len(store))
+    if sharded:  # every item's has_image (a byte each), in item order: the real items of each share
         has_image = coll.gather(has_image[: share.stop - share.start], uneven=True)
-    task.set_frozen_block_cache(tuple(states), has_image, store.identity, range(len(store))[share])
+    rows = rows_across_ranks(tuple(states), len(store), coll) if sharded else None
+    task.set_frozen_block_cache(tuple(states), has_image, store.identity, range(len(store))[share], rows)
     return share.stop - share.start, sum(state.numel() * state.element_size() for state in states) / 2**20
+
+
+def rows_across_ranks(states: tuple[torch.Tensor, ...], n: int,
+                      coll: Collectives) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Rows of any items from per-item states split across ranks in contiguous shares of range(n) (this rank's first).
+    A collective: every rank calls it at once, each with its own item ids. The ranks' ids are gathered, each rank
+    answers every rank's ids from its share in one all-to-all per state, and each item takes its holder's answer:
+    the rows are copied, never summed, so a rank gets exactly what one process holding every row would read. Each rank
+    receives world_size answers per item it asks for (a holder answers every id, held or not): answers sized by how
+    many ids each rank holds would need those counts on the host, a device sync every step."""
+    shares = [coll.contiguous_share(n, rank) for rank in range(coll.world_size)]
+    own = shares[coll.rank]
+    share_starts = torch.tensor([share.start for share in shares[1:]], device=states[0].device)
+
+    def rows(item_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        asking = torch.zeros(coll.world_size, dtype=torch.int64)  # each rank's number of ids (host-side shapes)
+        asking[coll.rank] = len(item_ids)
+        asking = coll.all_reduce_sum(asking).tolist()
+        longest = max(asking)
+        padded = torch.cat([item_ids, item_ids.new_full((longest - len(item_ids),), own.start)])
+        asked = coll.gather(padded).view(coll.world_size, longest)
+        asked = torch.cat([ids[:count] for ids, count in zip(asked, asking)])
+        held_rows = (asked - own.start).clamp(0, own.stop - own.start - 1)  # another rank's item: any row, not read
+        holder = torch.bucketize(item_ids, share_starts, right=True)
+        picked = (holder, torch.arange(len(item_ids), device=item_ids.device))
+        return tuple(coll.exchange(state[held_rows], asking, [len(item_ids)] * coll.world_size)
+                     .view(coll.world_size, len(item_ids), *state.shape[1:])[picked] for state in states)
+
+    return rows
 
 
 def _held_values(param: torch.Tensor, rank: int) -> torch.Tensor:
