@@ -182,6 +182,44 @@ def test_stage_0_averages_accumulated_gradients_once_during_the_backward(tmp_pat
         assert grads["b_unused_everywhere"].item() == 1.0
 
 
+def _fetch_rank(rank: int, port: int, world_size: int, n: int, out: Path) -> None:
+    import torch.distributed as dist
+
+    from mmscale.engine.distributed import all_reduce_sum, all_to_all, gather
+    from mmscale.eval.evaluate import Collectives, fetch_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    coll = Collectives(rank, world_size, gather, all_reduce_sum, all_to_all)
+    whole = (torch.randn(n, 2, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16), torch.arange(n * 2).view(n, 2),
+             torch.arange(n) % 3 == 0)
+    mine = list(range(n)[coll.contiguous_share(n)])
+    mine += mine[-1:] * (-(-n // world_size) - len(mine))  # padded to every rank's length as the cache is
+    held = tuple(state[mine] for state in whole)
+    fetch = fetch_across_ranks(held, n, coll)
+    edges = [i for r in range(world_size) for i in (coll.contiguous_share(n, r).start, coll.contiguous_share(n, r).stop - 1)]
+    batches = [torch.randint(0, n, (5 + 3 * rank,), generator=torch.Generator().manual_seed(rank)),
+               torch.tensor(edges[::-1] + [edges[0]] * 3),  # every share's first and last item, one of them repeated
+               torch.zeros(0, dtype=torch.long) if rank == 1 else torch.tensor([n - 1, 0])]  # rank 1 asks for nothing
+    torch.save([[torch.equal(rows, state[ids]) for rows, state in zip(fetch(ids, None), whole)] for ids in batches],
+               out / f"fetch-{world_size}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size, n", [(3, 80), (4, 10)])
+def test_a_fetch_across_ranks_returns_the_rows_one_process_would_read(tmp_path, world_size, n):
+    """The frozen-block cache split across ranks: any items' rows, fetched from the ranks that hold them, are the rows
+    of the whole table bit for bit (bf16, int64 and bool states; shares of unequal length, padded; every share's first
+    and last item; a repeated item; a rank asking for none)."""
+    import torch.multiprocessing as mp
+
+    from mmscale.engine.distributed import free_port
+
+    mp.spawn(_fetch_rank, args=(free_port(), world_size, n, tmp_path), nprocs=world_size)
+    for rank in range(world_size):
+        assert torch.load(tmp_path / f"fetch-{world_size}-rank{rank}.pt") == [[True] * 3] * 3, f"rank {rank}"
+
+
 FROZEN_BLOCK_CASES = {  # training on encoder.cache_frozen_blocks, each rank holding its share of the catalogue's
     "every_step": ["task=sequential", "sequence.mode=joint", "sequence.item_table=every_step", "sequence.dropout=0.0",
                    "sequence.adaptor_dropout=0.0", "objectives.weights={rec: 1.0, seq_item: 1.0, seq_seq: 0.1, itc: 0.1}"],
@@ -201,7 +239,7 @@ def _frozen_block_gradients(world_shards: Path, rank: int, world_size: int, out:
     from mmscale.data.item_store import ItemStore
     from mmscale.data.shard_set import ShardSet
     from mmscale.data.stream import InteractionStream
-    from mmscale.engine.distributed import all_reduce_sum, exchange, gather
+    from mmscale.engine.distributed import all_reduce_sum, all_to_all, gather
     from mmscale.eval.evaluate import Collectives, cache_frozen_blocks, encode_catalogue, evaluate
     from mmscale.models import build_preprocess
     from mmscale.tasks import build_task, sequential
@@ -223,7 +261,7 @@ def _frozen_block_gradients(world_shards: Path, rank: int, world_size: int, out:
         shards = replace(shards, manifest=shards.manifest | {"cold_items": cold})
     torch.manual_seed(0)
     task = build_task(config, shards).eval()  # eval: the trained text layer's dropout draws differ by rank
-    coll = Collectives(rank, world_size, gather, all_reduce_sum, exchange)
+    coll = Collectives(rank, world_size, gather, all_reduce_sum, all_to_all)
     with mock.patch.object(sequential, "EVERY_ITEM_CHUNK", chunk):  # read when the cache is set
         items, mib = cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)  # as the trainer does: each rank its share
     whole = sum(state[0].numel() * state.element_size() for state in task.frozen_block_states) * len(store) / 2**20

@@ -135,7 +135,7 @@ def test_each_rank_keeps_its_share_of_the_frozen_blocks(world_shards, task_setti
     assert len(store) == 80
     for rank in range(3):
         sent: list[torch.Tensor] = []
-        coll = Collectives(rank, 3, gather=lambda x, uneven=False: sent.append(x) or x, all_reduce_sum=lambda x: x, exchange=None)
+        coll = Collectives(rank, 3, gather=lambda x, uneven=False: sent.append(x) or x, all_reduce_sum=lambda x: x, all_to_all=None)
         cache_frozen_blocks(task, store, preprocess, coll, "cpu", 64, 0)
         share = range(80)[coll.contiguous_share(80)]
         assert task.frozen_block_items == share and [len(s) for s in task.frozen_block_states] == [27] * len(whole)
@@ -144,5 +144,7 @@ def test_each_rank_keeps_its_share_of_the_frozen_blocks(world_shards, task_setti
         assert len(sent) == 1 and torch.equal(sent[0], has_image[share.start : share.stop])
     with pytest.raises(RuntimeError, match="holds items 54..79; rank 0 of 1 encodes items 0..79"):
         encode_catalogue(task, store, preprocess, single_process(), "cpu", 64, 0)
+    with pytest.raises(ValueError, match="items 27..53 of 80 needs a fetch"):  # a share with nothing to read the others
+        task.set_frozen_block_cache(task.frozen_block_states, has_image, store.identity, range(27, 54))
     with pytest.raises(ConfigError, match="80 items on 81 ranks"):
         cache_frozen_blocks(task, store, preprocess, Collectives(0, 81, lambda x, uneven=False: x, lambda x: x, None), "cpu", 64, 0)

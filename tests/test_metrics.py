@@ -161,7 +161,7 @@ def test_the_test_ranking_drops_the_valid_item(tiny_raw, tiny_preprocess, tmp_pa
 
 # -- _share ----------------------------------------------------------------------------------------
 def _coll(rank: int, world: int) -> Collectives:
-    return Collectives(rank, world, gather=lambda x: x, all_reduce_sum=lambda x: x, exchange=None)
+    return Collectives(rank, world, gather=lambda x: x, all_reduce_sum=lambda x: x, all_to_all=None)
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1, 1), (2, 4), (7, 2), (5, 8), (0, 2), (9, 4), (5, 4), (49, 8)])

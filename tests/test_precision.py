@@ -20,7 +20,6 @@ RUNS = {  # name: (parity case, extra overrides)
     **{case: (case, []) for case in CASES},
     "sasrec": ("frozen", ["task=sequential", "sequence.model=sasrec", "sequence.mode=finetune"]),
     "dual_encoder": ("two_tower", DUAL_ENCODER),
-    "dual_encoder_cached": ("two_tower", [*DUAL_ENCODER, "encoder.cache_frozen_blocks=true"]),
     "dual_encoder_mp4sr_joint": ("mp4sr_joint", [*DUAL_ENCODER, "encoder.cache_frozen_blocks=true"]),
 }
 

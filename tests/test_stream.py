@@ -263,6 +263,15 @@ def test_history_content_off_and_content_off(stream_shards, tiny_preprocess):
     assert batch.item_ids[batch.target_slots].tolist() == batch.targets.tolist()
 
 
+def test_a_batch_moved_to_a_device_keeps_its_item_ids_on_the_host(stream_shards, tiny_preprocess):
+    """What a step decides on the host (the frozen-block cache's fetch sizes) reads the loader's item ids, never the
+    device's copy, whose read would wait for the device; pinning and moving again keep them."""
+    batch = next(iter(stream(stream_shards, tiny_preprocess, batch_size=16, resampled=False).batches()))
+    moved = batch.to("meta", torch.bfloat16)
+    assert moved.item_ids.is_meta and moved.images.dtype == torch.bfloat16 and moved.host_item_ids is batch.item_ids
+    assert moved.to("meta").host_item_ids is batch.item_ids and batch.to("cpu").host_item_ids is batch.item_ids
+
+
 # -- corrupt data ---------------------------------------------------------------------------------
 def rewrite_tar(path: Path, edit) -> None:
     """Rewrites a shard with edit(index, member name, data) -> new data (None: unchanged)."""

@@ -60,16 +60,20 @@ class Batch:
     has_image: torch.Tensor  # [U] bool; False rows of `images` are zeros
     text_tokens: torch.Tensor  # [U, T]
     corrupt_samples: torch.Tensor  # [] samples this worker skipped as corrupt since its last batch
+    # item_ids as the loader made them, kept on the host by `to`: what a step decides on the host reads them there,
+    # never the device's copy (that read would wait for the device)
+    host_item_ids: torch.Tensor | None = None
 
     def to(self, device, float_dtype: torch.dtype | None = None, non_blocking: bool = True) -> "Batch":
         """On `device`, the float fields (pixels) in `float_dtype` where given: a bf16 model takes bf16 input."""
         def moved(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, dtype=float_dtype if t.is_floating_point() else None, non_blocking=non_blocking)
 
-        return Batch(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
+        return Batch(**{f.name: moved(getattr(self, f.name)) for f in fields(self) if f.name != "host_item_ids"},
+                     host_item_ids=self.item_ids if self.item_ids.is_cpu else self.host_item_ids)
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self) if f.name != "host_item_ids"})
 
     def __len__(self) -> int:
         return len(self.users)

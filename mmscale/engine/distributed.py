@@ -171,15 +171,15 @@ def gather(x: torch.Tensor, uneven: bool = False) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def exchange(x: torch.Tensor, send_sizes: list[int], receive_sizes: list[int]) -> torch.Tensor:
-    """All-to-all along dim 0: rank r gets rows [sum(send_sizes[:r]), +send_sizes[r]) of x from every rank, laid end to
-    end in rank order (receive_sizes: what each rank sends this one). No gradient."""
+def all_to_all(x: torch.Tensor, send_sizes: list[int], receive_sizes: list[int]) -> torch.Tensor:
+    """All-to-all along dim 0: rows [sum(send_sizes[:r]), +send_sizes[r]) of x go to rank r; what each rank sends this
+    one (receive_sizes[r] rows from rank r) comes back laid end to end in rank order. No gradient."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     if x.dtype == torch.bool:  # gloo has no bool collectives
-        return exchange(x.to(torch.uint8), send_sizes, receive_sizes).bool()
+        return all_to_all(x.to(torch.uint8), send_sizes, receive_sizes).bool()
     out = x.new_empty((sum(receive_sizes), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), receive_sizes, send_sizes)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=receive_sizes, input_split_sizes=send_sizes)
     return out
 
 

@@ -33,7 +33,7 @@ from ..models import build_preprocess
 from ..tasks import build_task
 from . import checkpoint
 from .deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from .distributed import (all_reduce_sum, any_rank, average_gradients_in_backward, barrier, deepspeed, exchange, gather,
+from .distributed import (all_reduce_sum, all_to_all, any_rank, average_gradients_in_backward, barrier, deepspeed, gather,
                           init_distributed, use_deterministic_algorithms)
 from .monitor import Monitor, run_log
 
@@ -143,7 +143,7 @@ class Trainer:
         )
         self.task = self.engine.module
         self.engine.enable_backward_allreduce = not self.reduces_in_backward
-        self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum, exchange)
+        self.collectives = Collectives(self.dist.rank, self.dist.world_size, gather, all_reduce_sum, all_to_all)
 
         self.step, self.samples_seen, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         self.resumed_from = None

@@ -33,7 +33,7 @@ class Collectives:
     world_size: int
     gather: Callable[..., torch.Tensor]  # all-gather along dim 0 (uneven=True: ranks may hold different numbers of rows)
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
-    exchange: Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]  # all-to-all along dim 0 (send, receive sizes)
+    all_to_all: Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]  # along dim 0 (send sizes, receive sizes)
 
     def contiguous_share(self, n: int, rank: int | None = None) -> slice:
         """This rank's (or `rank`'s) contiguous part of range(n), in rank order (an uneven all-gather of the parts is
@@ -114,7 +114,7 @@ def cache_frozen_blocks(task, store: ItemStore, preprocess: ItemPreprocess, coll
                         num_workers: int) -> tuple[int, float]:
     """Hands the task every item's frozen-block outputs (encoder.cache_frozen_blocks), encoded in parallel across ranks,
     each rank keeping its contiguous share alone (padded to the length of every rank's) and every item's has_image;
-    rows of other ranks' items reach a batch through `rows_across_ranks`. Returns the items and MiB this rank holds."""
+    a batch's rows of other ranks' items come through `fetch_across_ranks`. Returns the items and MiB this rank holds."""
     if len(store) < coll.world_size:
         raise ConfigError(f"encoder.cache_frozen_blocks: {len(store)} items on {coll.world_size} ranks; each rank holds "
                           f"its share of the catalogue's frozen blocks and needs at least one item")
@@ -124,38 +124,38 @@ def cache_frozen_blocks(task, store: ItemStore, preprocess: ItemPreprocess, coll
     share = coll.contiguous_share(len(store))
     if sharded:  # every item's has_image (a byte each), in item order: the real items of each share
         has_image = coll.gather(has_image[: share.stop - share.start], uneven=True)
-    rows = rows_across_ranks(tuple(states), len(store), coll) if sharded else None
-    task.set_frozen_block_cache(tuple(states), has_image, store.identity, range(len(store))[share], rows)
+    fetch = fetch_across_ranks(tuple(states), len(store), coll) if sharded else None
+    task.set_frozen_block_cache(tuple(states), has_image, store.identity, range(len(store))[share], fetch)
     return share.stop - share.start, sum(state.numel() * state.element_size() for state in states) / 2**20
 
 
-def rows_across_ranks(states: tuple[torch.Tensor, ...], n: int,
-                      coll: Collectives) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Rows of any items from per-item states split across ranks in contiguous shares of range(n) (this rank's first).
-    A collective: every rank calls it at once, each with its own item ids. The ranks' ids are gathered, each rank
-    answers every rank's ids from its share in one all-to-all per state, and each item takes its holder's answer:
-    the rows are copied, never summed, so a rank gets exactly what one process holding every row would read. Each rank
-    receives world_size answers per item it asks for (a holder answers every id, held or not): answers sized by how
-    many ids each rank holds would need those counts on the host, a device sync every step."""
+def fetch_across_ranks(states: tuple[torch.Tensor, ...], n: int,
+                       coll: Collectives) -> Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]:
+    """A function from item ids (with a host copy of them) to their rows of per-item `states`, which the ranks hold in
+    contiguous shares of range(n) (this rank's first). A collective: every rank calls it at once, each with its own
+    ids. Each id goes to the rank that holds it and its rows come back (one all-to-all for the ids, one per state for
+    the rows, sized by counts taken from the host copy and exchanged over the host group: no device sync); rows are
+    copied, never summed, so a rank gets exactly what one process holding every row would read."""
     shares = [coll.contiguous_share(n, rank) for rank in range(coll.world_size)]
     own = shares[coll.rank]
-    share_starts = torch.tensor([share.start for share in shares[1:]], device=states[0].device)
+    boundaries = torch.tensor([share.start for share in shares[1:]])  # an id's holder: how many of these it reaches
+    boundaries_on_device = boundaries.to(states[0].device)
 
-    def rows(item_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        asking = torch.zeros(coll.world_size, dtype=torch.int64)  # each rank's number of ids (host-side shapes)
-        asking[coll.rank] = len(item_ids)
-        asking = coll.all_reduce_sum(asking).tolist()
-        longest = max(asking)
-        padded = torch.cat([item_ids, item_ids.new_full((longest - len(item_ids),), own.start)])
-        asked = coll.gather(padded).view(coll.world_size, longest)
-        asked = torch.cat([ids[:count] for ids, count in zip(asked, asking)])
-        held_rows = (asked - own.start).clamp(0, own.stop - own.start - 1)  # another rank's item: any row, not read
-        holder = torch.bucketize(item_ids, share_starts, right=True)
-        picked = (holder, torch.arange(len(item_ids), device=item_ids.device))
-        return tuple(coll.exchange(state[held_rows], asking, [len(item_ids)] * coll.world_size)
-                     .view(coll.world_size, len(item_ids), *state.shape[1:])[picked] for state in states)
+    def fetch(item_ids: torch.Tensor, host_item_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        on_host = item_ids if item_ids.is_cpu else host_item_ids
+        if on_host is None:
+            raise RuntimeError("fetching frozen-block rows across ranks needs the batch's item ids on the host (Batch.to keeps them)")
+        counts = torch.zeros(coll.world_size, coll.world_size, dtype=torch.int64)  # [asking rank, holding rank]
+        counts[coll.rank] = torch.bincount(torch.bucketize(on_host, boundaries, right=True), minlength=coll.world_size)
+        counts = coll.all_reduce_sum(counts)
+        asked, answered = counts[coll.rank].tolist(), counts[:, coll.rank].tolist()
+        # this rank's ids grouped by holder, in their order within each group (a stable sort, on the ids' device)
+        by_holder = torch.argsort(torch.bucketize(item_ids, boundaries_on_device, right=True), stable=True)
+        wanted_here = coll.all_to_all(item_ids[by_holder], asked, answered) - own.start
+        return tuple(torch.empty_like(rows).index_copy_(0, by_holder, rows) for rows in
+                     (coll.all_to_all(state[wanted_here], answered, asked) for state in states))
 
-    return rows
+    return fetch
 
 
 def _held_values(param: torch.Tensor, rank: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ A task is an nn.Module holding the item encoder (if any), the recommender and th
     encode_content(images, text_tokens) -> (image, text)
     caches_frozen_blocks: bool                        encoder.cache_frozen_blocks: the engine encodes the catalogue's
     set_frozen_block_cache(states, has_image, store,  frozen blocks once and hands them over; batches then need no content;
-                           items, rows)               the states' first rows are these items' (this rank's contiguous
+                           items, fetch)              the states' first rows are these items' (this rank's contiguous
                                                       share, padded to the length of every rank's: every item on one
-                                                      rank); has_image covers every item; rows(item_ids): any items'
-                                                      rows, fetched from the ranks that hold them (a collective)
+                                                      rank); has_image covers every item; fetch(item_ids, host copy):
+                                                      any items' rows from the ranks that hold them (a collective)
     cached_content(item_ids) -> (image, text, has_image)  this rank's items from that cache (catalogue encodings)
     uses_catalogue_content: bool                      ranking needs every item's encoder content
     content_cache_is_current: bool                    the cached content is what encoding the catalogue now would
@@ -46,7 +46,8 @@ from ..data.stream import Batch
 from ..models.encoder import ItemEncoder
 
 Gather = Callable[..., torch.Tensor]
-FrozenBlockRows = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # item ids -> their frozen-block outputs
+# (item ids, their host copy) -> their frozen-block outputs, from the ranks that hold them
+FrozenBlockFetch = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,12 @@ class Task(nn.Module, ABC):
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # forward count for hashed randomness
         # every item's encoder content once cached (persistent=False: checkpoints save it beside the weights)
         self.register_buffer("content_cache", torch.empty(0), persistent=False)
-        # encoder.cache_frozen_blocks: the frozen-block outputs of frozen_block_items (this rank's share), what reads any
-        # item's, every item's has_image, and the item store they are of (never saved: a function of frozen weights and
-        # the items, recomputed at every start)
+        # encoder.cache_frozen_blocks: the frozen-block outputs of frozen_block_items (this rank's share), what fetches
+        # other ranks' items' (several ranks), every item's has_image, and the item store they are of (never saved: a
+        # function of frozen weights and the items, recomputed at every start)
         self.frozen_block_states: tuple[torch.Tensor, ...] | None = None
         self.frozen_block_items = range(0)
-        self.frozen_block_rows: FrozenBlockRows | None = None
+        self.frozen_block_fetch: FrozenBlockFetch | None = None
         self.frozen_block_has_image: torch.Tensor | None = None
         self.frozen_block_store: tuple | None = None
 
@@ -144,12 +145,15 @@ class Task(nn.Module, ABC):
         return self.config.encoder.cache_frozen_blocks
 
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
-                               items: range | None = None, rows: FrozenBlockRows | None = None) -> None:
+                               items: range | None = None, fetch: FrozenBlockFetch | None = None) -> None:
         """`items`: whose outputs the states' first rows are (None: every item's, in order); rows after them are padding.
-        `rows`: any items' rows, on every rank at once (None: the states hold every item)."""
+        `fetch`: any items' rows, on every rank at once; None where the states hold every item."""
+        items = range(len(has_image)) if items is None else items
+        if fetch is None and len(items) != len(has_image):
+            raise ValueError(f"a frozen-block cache of items {items.start}..{items.stop - 1} of {len(has_image)} needs a fetch "
+                             f"for the others")
         self.frozen_block_states, self.frozen_block_has_image, self.frozen_block_store = states, has_image, store_identity
-        self.frozen_block_items = range(len(has_image)) if items is None else items
-        self.frozen_block_rows = rows or self._held_frozen_blocks
+        self.frozen_block_items, self.frozen_block_fetch = items, fetch
 
     def _held_frozen_blocks(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         first = self.frozen_block_items.start
@@ -166,8 +170,10 @@ class Task(nn.Module, ABC):
 
     def batch_content(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, text, has_image) of the batch's items (batch.item_ids) through the encoder, with gradient."""
-        if self.frozen_block_states is not None:  # every rank at once: the items' rows may be other ranks'
-            image, text = self.encoder.from_frozen_blocks(*self.frozen_block_rows(batch.item_ids))
+        if self.frozen_block_states is not None:
+            states = (self._held_frozen_blocks(batch.item_ids) if self.frozen_block_fetch is None
+                      else self.frozen_block_fetch(batch.item_ids, batch.host_item_ids))  # every rank at once
+            image, text = self.encoder.from_frozen_blocks(*states)
             return image, text, self.frozen_block_has_image[batch.item_ids]
         image, text = self.encode_content(batch.images, batch.text_tokens)
         return image, text, batch.has_image

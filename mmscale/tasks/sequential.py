@@ -34,7 +34,7 @@ from ..objectives import FUSION_LOSSES, VISION_LANGUAGE_LOSSES
 from ..objectives.common import at_least_fp32, hashed_uniform, similarities
 from ..objectives.contrastive import image_text_contrastive_loss
 from ..objectives.mp4sr import sequence_item_loss, sequence_sequence_loss
-from .base import FrozenBlockRows, Gather, Ranking, Task
+from .base import FrozenBlockFetch, Gather, Ranking, Task
 from .vision_language import fusion_losses
 
 
@@ -212,8 +212,8 @@ class MP4SRTask(NextItemTask):
         return content[:, :d], content[:, d:]
 
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
-                               items: range | None = None, rows: FrozenBlockRows | None = None) -> None:
-        super().set_frozen_block_cache(states, has_image, store_identity, items, rows)
+                               items: range | None = None, fetch: FrozenBlockFetch | None = None) -> None:
+        super().set_frozen_block_cache(states, has_image, store_identity, items, fetch)
         items = self.frozen_block_items
         held = (self.warm_items >= items.start) & (self.warm_items < items.stop)
         # Selected once: a boolean index each step would be a host sync.

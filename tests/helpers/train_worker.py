@@ -28,10 +28,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as launch/train.py does, 
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run as a script too
 
 from mmscale.config import load_config  # noqa: E402
 from mmscale.data.stream import InteractionStream  # noqa: E402
+from helpers.dual_encoder import installed as dual_encoder_installed  # noqa: E402
 
 STEPS = 3
 GLOBAL_BATCH = 16
@@ -51,6 +52,11 @@ CASES: dict[str, list[str]] = {
     "vlmo": ["encoder.kind=vlmo", f"encoder.model={REPO / 'configs/models/vlmo-tiny.json'}",
              "objectives.weights={rec: 1.0, itc: 0.5, itm: 0.5, mlm: 0.5}"],
 }
+if dual_encoder_installed:  # the frozen-block cache, each rank holding its share: a batch's items come from both. Every
+    # block frozen and cached (MiniLM's layers have dropout): the projections train on the fetched outputs.
+    CASES["two_tower_cached"] = [f"encoder.model={REPO / 'configs/models/minilm-effnet.json'}", "encoder.image_size=64",
+                                 "encoder.context_length=16", "encoder.trainable_blocks=0", "encoder.cache_frozen_blocks=true",
+                                 "data.history_content=false", "objectives.weights={rec: 1.0, itc: 0.1}"]
 
 
 def case_config(case: str, shards: str, run_dir: Path, stage: int, batch_size: int, extra: list[str]):
