@@ -214,6 +214,8 @@ class MP4SRTask(NextItemTask):
     def set_frozen_block_cache(self, states: tuple[torch.Tensor, ...], has_image: torch.Tensor, store_identity: tuple,
                                items: range | None = None, fetch: FrozenBlockFetch | None = None) -> None:
         super().set_frozen_block_cache(states, has_image, store_identity, items, fetch)
+        if not self.encodes_every_item:  # the cached table reads the batch's items only
+            return
         items = self.frozen_block_items
         held = (self.warm_items >= items.start) & (self.warm_items < items.stop)
         # Selected once: a boolean index each step would be a host sync.
